@@ -1,0 +1,400 @@
+"""Training data: image folders, `datasets` data sets and webdataset shards -> batches.
+
+Every sample carries a stable ``sample_id`` (from the data, else a hash of the image bytes), its
+caption and the list of alternate captions, and an integer ``index`` (row number, -1 for streams)
+so the per-sample ledger can use dense arrays.
+
+Order is a pure function of (seed, epoch, position), never of a library's hidden RNG, which is what
+makes resume exact: map-style data draws one permutation per epoch and gives each rank every
+``world``-th batch of it; streams give each rank and worker a fixed share of the shards and skip
+what they already produced. Augmentation (random crop, flip) is seeded per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the sample or setting."""
+
+
+class BadSampleError(DataError):
+    """A missing or corrupt image or an empty caption, with data.on_bad_sample=error."""
+
+
+def _seed_of(*parts: Any) -> int:
+    """A 63-bit seed from any parts; stable across processes (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# --------------------------------------------------------------------------------------------
+# Image preprocessing (PIL + numpy; torchvision cannot be relied on beside every torch build)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageTransform:
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        image = to_rgb(image)
+        w, h = image.size
+        scale = self.resolution / min(w, h)
+        size = (max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
+        else:
+            left, top = rng.randint(0, w - self.resolution), rng.randint(0, h - self.resolution)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB; transparent pixels become white (icons and emoji are drawn on transparency)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadSampleError(f"corrupt image {where}: {exc}") from exc
+
+
+def clean_captions(text: Any, alternates: Any, where: str) -> list[str]:
+    """The primary caption first, then distinct non-empty alternates; empty primary is bad."""
+    text = (text or "").strip() if isinstance(text, str) else ""
+    if not text:
+        raise BadSampleError(f"empty caption for {where}")
+    captions = [text]
+    for alt in alternates or []:
+        if isinstance(alt, str) and alt.strip() and alt.strip() not in captions:
+            captions.append(alt.strip())
+    return captions
+
+
+# --------------------------------------------------------------------------------------------
+# Map-style data: image folders and `datasets` data sets
+# --------------------------------------------------------------------------------------------
+
+
+class MapDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` whose image column is left undecoded, so bad images are ours to handle.
+
+    Items are requested as ``(index, epoch, batch)`` tuples by :class:`EpochBatchSampler`.
+    """
+
+    def __init__(self, table, cfg: DictConfig, transform: ImageTransform, seed: int, root: Optional[Path]):
+        self.table, self.cfg, self.transform, self.seed, self.root = table, cfg, transform, seed, root
+        self.has_ids = cfg.id_column in table.column_names
+        self.has_alternates = cfg.captions_column in table.column_names
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _image_bytes(self, value: Any, where: str) -> bytes:
+        if isinstance(value, dict) and value.get("bytes"):
+            return value["bytes"]
+        path = value.get("path") if isinstance(value, dict) else value
+        if not path:
+            raise BadSampleError(f"no image for {where}")
+        path = Path(path)
+        if not path.is_absolute() and self.root is not None:
+            path = self.root / path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise BadSampleError(f"missing image {path} ({where})") from exc
+
+    def load(self, index: int, epoch: int) -> dict:
+        row = self.table[index]
+        where = f"row {index}" + (f" (sample_id {row[self.cfg.id_column]})" if self.has_ids else "")
+        captions = clean_captions(row.get(self.cfg.caption_column),
+                                  row.get(self.cfg.captions_column) if self.has_alternates else None, where)
+        data = self._image_bytes(row[self.cfg.image_column], where)
+        image = decode_image(data, where)
+        sample_id = str(row[self.cfg.id_column]) if self.has_ids else hashlib.sha1(data).hexdigest()
+        rng = random.Random(_seed_of(self.seed, epoch, index))
+        return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
+                "sample_id": sample_id, "index": index}
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, batch = key
+        bad = 0
+        # A bad sample is replaced by the next good row: deterministic, and the batch keeps its
+        # size, so every rank runs the same shapes. The count travels with the batch.
+        for offset in range(len(self)):
+            try:
+                sample = self.load((index + offset) % len(self), epoch)
+                break
+            except BadSampleError as exc:
+                if self.cfg.on_bad_sample == "error":
+                    raise BadSampleError(f"{exc} (set data.on_bad_sample=skip to skip bad samples)") from None
+                log.warning("skipping bad sample: %s", exc)
+                bad += 1
+        else:
+            raise DataError("every sample in the data set is bad (missing/corrupt images or empty captions)")
+        sample.update(epoch=epoch, batch=batch, bad=bad)
+        return sample
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of ``(index, epoch, batch)``: one seeded permutation per epoch, each rank
+    taking every ``world``-th batch of it, starting anywhere (exact resume without replaying)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool,
+                 start_epoch: int = 0, start_batch: int = 0):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = n // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"the data set has {n} samples, fewer than one global batch "
+                            f"({batch_size} per device x {world} processes)")
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch)))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, batch = self.start_epoch, self.start_batch
+        while True:
+            order = self.order(epoch)
+            for b in range(batch, self.batches_per_epoch):
+                start = (b * self.world + self.rank) * self.batch_size
+                yield [(int(i), epoch, b) for i in order[start:start + self.batch_size]]
+            epoch, batch = epoch + 1, 0
+
+
+def load_table(cfg: DictConfig, cache_dir: str):
+    """The `datasets` table behind map-style sources, with the image column left undecoded."""
+    import datasets
+
+    if cfg.source == "imagefolder":
+        root = Path(cfg.path).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.path={cfg.path}: image folder not found")
+        if not (root / "metadata.jsonl").is_file() and not (root / "metadata.csv").is_file():
+            raise DataError(f"data.path={cfg.path}: no metadata.jsonl with file_name and {cfg.caption_column} "
+                            "columns (an image folder without captions cannot train a text-to-image model)")
+        table = datasets.load_dataset("imagefolder", data_dir=str(root), split=cfg.split)
+    else:  # "hf": a name on the hub (cached), a folder of data files, or a save_to_disk folder
+        path = Path(cfg.path).expanduser()
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                table = table[cfg.split]
+        else:
+            table = datasets.load_dataset(cfg.path, split=cfg.split)
+        root = path if path.is_dir() else None
+    for column in (cfg.image_column, cfg.caption_column):
+        if column not in table.column_names:
+            key = "data.image_column" if column == cfg.image_column else "data.caption_column"
+            raise DataError(f"data set {cfg.path} has no column '{column}' (columns: "
+                            f"{', '.join(table.column_names)}); set {key}")
+    if isinstance(table.features[cfg.image_column], datasets.Image):
+        table = table.cast_column(cfg.image_column, datasets.Image(decode=False))
+    if cfg.filter_column:
+        if cfg.filter_column not in table.column_names:
+            raise DataError(f"data.filter_column '{cfg.filter_column}' is not a column of {cfg.path}")
+        keep = [str(v) == str(cfg.filter_value) for v in table[cfg.filter_column]]
+        table = table.select([i for i, k in enumerate(keep) if k])
+    if len(table) == 0:
+        raise DataError(f"data set {cfg.path} has no rows" + (" after the filter" if cfg.filter_column else ""))
+    return table, root
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming data: webdataset shards
+# --------------------------------------------------------------------------------------------
+
+
+def expand_shards(pattern: str) -> list[str]:
+    import braceexpand
+
+    urls = []
+    for part in str(pattern).split("::"):
+        urls += list(braceexpand.braceexpand(part))
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).expanduser().is_file()]
+    if missing:
+        raise DataError(f"data.path: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return [str(Path(u).expanduser()) if u in local else u for u in urls]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless samples from tar shards; each (rank, worker) reads its own shards in a seeded order.
+
+    ``skip_batches`` is how many batches this rank already consumed; each worker skips the samples
+    it produced for them (the DataLoader takes batches from workers in turn), so a resumed run
+    continues the same stream.
+    """
+
+    def __init__(self, urls: list[str], cfg: DictConfig, transform: ImageTransform, seed: int,
+                 rank: int, world: int, batch_size: int, skip_batches: int = 0):
+        self.urls, self.cfg, self.transform, self.seed = urls, cfg, transform, seed
+        self.rank, self.world, self.batch_size, self.skip_batches = rank, world, batch_size, skip_batches
+        workers = max(1, cfg.num_workers)
+        if len(urls) < world * workers:
+            raise DataError(f"{len(urls)} shard(s) cannot feed {world} process(es) x {workers} worker(s): "
+                            "write more shards or lower data.num_workers")
+
+    def _raw(self, shards: list[str]) -> Iterator[dict]:
+        import webdataset as wds
+
+        pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
+        yield from pipeline
+
+    def _decode(self, raw: dict, epoch: int) -> dict:
+        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        text = raw["txt"].decode("utf-8") if "txt" in raw else meta.get(self.cfg.caption_column)
+        captions = clean_captions(text, meta.get(self.cfg.captions_column), where)
+        key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if key is None:
+            raise BadSampleError(f"no image ({'/'.join(IMAGE_KEYS)}) in {where}")
+        image = decode_image(raw[key], where)
+        sample_id = str(meta.get(self.cfg.id_column) or hashlib.sha1(raw[key]).hexdigest())
+        rng = random.Random(_seed_of(self.seed, epoch, sample_id))
+        return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
+                "sample_id": sample_id, "index": -1, "epoch": epoch, "batch": -1}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Batches alternate between workers, so worker w made every workers-th batch.
+        mine = max(0, (self.skip_batches - worker + workers - 1) // workers)
+        skip = mine * self.batch_size
+        bad, epoch = 0, 0
+        while True:
+            shards = list(self.urls)
+            random.Random(_seed_of(self.seed, "shards", epoch)).shuffle(shards)
+            shards = shards[self.rank::self.world][worker::workers]
+            rng = random.Random(_seed_of(self.seed, "buffer", epoch, self.rank, worker))
+            buffer: list[dict] = []
+            for raw in self._shuffled(self._raw(shards), rng, buffer):
+                try:
+                    sample = self._decode(raw, epoch)
+                except BadSampleError as exc:
+                    if self.cfg.on_bad_sample == "error":
+                        raise BadSampleError(f"{exc} (set data.on_bad_sample=skip to skip bad samples)") from None
+                    if skip == 0:
+                        log.warning("skipping bad sample: %s", exc)
+                        bad += 1
+                    continue
+                if skip > 0:  # already trained on before the resume
+                    skip -= 1
+                    continue
+                sample["bad"], bad = bad, 0
+                yield sample
+            epoch += 1
+
+    def _shuffled(self, stream: Iterator[dict], rng: random.Random, buffer: list) -> Iterator[dict]:
+        size = max(1, self.cfg.shuffle_buffer)
+        for item in stream:
+            buffer.append(item)
+            if len(buffer) >= size:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
+
+
+# --------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "captions": [s["captions"] for s in samples],
+        "sample_id": [s["sample_id"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "epoch": samples[0]["epoch"],
+        "batch": samples[0]["batch"],
+        "bad": sum(s["bad"] for s in samples),
+    }
+
+
+@dataclass
+class DataPosition:
+    """Where the next batch starts: map-style (epoch, batch in epoch); streams: batches consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+    batches_consumed: int = 0
+
+
+@dataclass
+class TrainData:
+    loader: torch.utils.data.DataLoader
+    num_samples: Optional[int]  # None for streams
+    batches_per_epoch: Optional[int]
+    table: Any = None  # the `datasets` table (map-style), for eval hooks and the ledger
+
+
+def resolve_source(cfg: DictConfig, cache_dir: str, seed: int) -> DictConfig:
+    """Sources the project makes itself become an image folder on first use."""
+    if cfg.source == "shapes":
+        from data.shapes import ensure_shapes
+
+        cfg = cfg.copy()
+        cfg.path = str(ensure_shapes(Path(cache_dir).expanduser() / "data", cfg.shapes.num_samples,
+                                     cfg.shapes.image_size, seed=seed))
+        cfg.source = "imagefolder"
+    return cfg
+
+
+def build_train_data(cfg: DictConfig, *, batch_size: int, seed: int, rank: int, world: int,
+                     cache_dir: str, position: DataPosition | None = None) -> TrainData:
+    position = position or DataPosition()
+    transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
+    common = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=cfg.num_workers > 0)
+    if cfg.source == "webdataset":
+        stream = ShardStream(expand_shards(cfg.path), cfg, transform, seed, rank, world, batch_size,
+                             skip_batches=position.batches_consumed)
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, **common)
+        return TrainData(loader, None, None)
+    table, root = load_table(cfg, cache_dir)
+    dataset = MapDataset(table, cfg, transform, seed, root)
+    sampler = EpochBatchSampler(len(dataset), batch_size, rank, world, seed, shuffle=True,
+                                start_epoch=position.epoch, start_batch=position.batch)
+    if position.batch >= sampler.batches_per_epoch:
+        raise DataError(f"cannot resume at batch {position.batch} of an epoch that now has "
+                        f"{sampler.batches_per_epoch} batches (did the data set or batch size change?)")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
+    return TrainData(loader, len(dataset), sampler.batches_per_epoch, table)

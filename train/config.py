@@ -1,0 +1,315 @@
+"""Run configuration: a dataclass schema merged with YAML files and ``key=value`` overrides.
+
+A run's config is ``schema <- configs/base.yaml <- --config files (in order) <- CLI dotlist``.
+Every layer is checked against the schema *before* merging so that a typo fails at start with a
+message that names the key and the closest valid one (OmegaConf's own message names only the
+parent). Settings that cannot work together are refused here too, not at step 5,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message says which key and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema. Defaults here suit a real SD fine-tune; configs/base.yaml holds the embedded CPU default.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelConfig:
+    """A small SD-architecture model built offline (CPU runs, tests, the memorization testbed)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    )
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    cross_attention_dim: int = 32
+    text_layers: int = 2
+    text_intermediate_size: int = 64
+    text_heads: int = 2
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None  # a diffusers folder or a hub id
+    preset: Optional[str] = None  # "tiny": build a small model offline
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    init_from: Optional[str] = None  # start NEW training from a checkpoint's / final's UNet weights
+    cache_dir: str = "~/.cache/copyguard"  # built presets and generated data sets live here
+    prediction_type: Optional[str] = None  # override the scheduler's (epsilon | v_prediction)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class ShapesDataConfig:
+    """The small synthetic data set copyguard makes itself for the embedded default."""
+
+    num_samples: int = 256
+    image_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: str = "imagefolder"  # imagefolder | hf | webdataset | shapes
+    path: Optional[str] = None  # folder, data set name/path, or shard pattern ("a/{000..009}.tar")
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    captions_column: str = "captions"  # optional list of alternate captions
+    id_column: str = "sample_id"  # optional; a content hash otherwise
+    filter_column: Optional[str] = None  # keep only rows whose filter_column == filter_value
+    filter_value: Optional[str] = None
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 2
+    on_bad_sample: str = "skip"  # skip (count + warn) | error
+    shuffle_buffer: int = 1000  # webdataset only: sample shuffle buffer per worker
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 4  # per device, per micro-step
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-5
+    lr_scheduler: str = "constant"  # any diffusers get_scheduler name
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw | adamw8bit (needs bitsandbytes)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    snr_gamma: Optional[float] = None  # min-SNR weighting (5.0 is the paper's value)
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.0  # probability of training on the empty prompt (enables CFG)
+    text_encoder: bool = False  # also train the text encoder
+    checkpoint_every: int = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    on_nonfinite: str = "error"  # error | skip (every rank skips the same step)
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # log train/ and perf/ every N optimizer steps
+    progress_bar: bool = True
+    wandb: bool = False
+    wandb_project: str = "copyguard"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[str] = None  # None: $WANDB_MODE if set, else "offline"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    every: int = 0  # steps; 0 = only at the end (when prompts are given)
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    images_per_prompt: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and merging
+# --------------------------------------------------------------------------------------------
+
+
+def _schema_keys(node: Any, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        keys.add(path)
+        if isinstance(value, DictConfig):
+            keys |= _schema_keys(value, path + ".")
+    return keys
+
+
+def _layer_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if isinstance(value, (DictConfig, dict)):
+            keys += _layer_keys(value, path + ".")
+    return keys
+
+
+def _check_keys(layer: DictConfig, valid: set[str], origin: str) -> None:
+    for key in _layer_keys(layer):
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}' in {origin}{hint}")
+
+
+def load_config(config_files: list[str] | None = None, overrides: list[str] | None = None,
+                base: Path | None = BASE_CONFIG) -> DictConfig:
+    """Merge schema <- base.yaml <- config files <- ``key=value`` overrides; validate; return it."""
+    schema = OmegaConf.structured(Config)
+    valid = _schema_keys(schema)
+    layers: list[tuple[DictConfig, str]] = []
+    for path in ([base] if base is not None else []) + [Path(p) for p in config_files or []]:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors and the like
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(layer).__name__}")
+        layers.append((layer, str(path)))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    if overrides:
+        try:
+            layers.append((OmegaConf.from_dotlist(list(overrides)), "command-line overrides"))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+
+    cfg = schema
+    for layer, origin in layers:
+        _check_keys(layer, valid, origin)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(f"bad value for config key '{key}' in {origin}: {exc.msg}") from exc
+    OmegaConf.set_readonly(cfg, False)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse settings that cannot work, naming the keys involved."""
+    m, d, t, v = cfg.model, cfg.data, cfg.train, cfg.validation
+    if bool(m.pretrained) == bool(m.preset):
+        raise ConfigError("set exactly one of model.pretrained (folder or hub id) and model.preset "
+                          f"(got pretrained={m.pretrained!r}, preset={m.preset!r})")
+    if m.preset and m.preset != "tiny":
+        raise ConfigError(f"model.preset must be 'tiny', got {m.preset!r}")
+    if m.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type must be epsilon or v_prediction, got {m.prediction_type!r}")
+    sources = ("imagefolder", "hf", "webdataset", "shapes")
+    if d.source not in sources:
+        raise ConfigError(f"data.source must be one of {sources}, got {d.source!r}")
+    if d.source != "shapes" and not d.path:
+        raise ConfigError(f"data.source={d.source} needs data.path")
+    if d.on_bad_sample not in ("skip", "error"):
+        raise ConfigError(f"data.on_bad_sample must be skip or error, got {d.on_bad_sample!r}")
+    if d.resolution <= 0 or d.resolution % 8:
+        raise ConfigError(f"data.resolution must be a positive multiple of 8, got {d.resolution}")
+    if (d.filter_column is None) != (d.filter_value is None):
+        raise ConfigError("set both data.filter_column and data.filter_value, or neither")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if t[key] <= 0:
+            raise ConfigError(f"train.{key} must be > 0, got {t[key]}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+    if t.optimizer not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"train.optimizer must be adamw or adamw8bit, got {t.optimizer!r}")
+    if t.on_nonfinite not in ("error", "skip"):
+        raise ConfigError(f"train.on_nonfinite must be error or skip, got {t.on_nonfinite!r}")
+    if not 0.0 <= t.caption_dropout < 1.0:
+        raise ConfigError(f"train.caption_dropout must be in [0, 1), got {t.caption_dropout}")
+    if t.checkpoints_total_limit is not None and t.checkpoints_total_limit < 1:
+        raise ConfigError(f"train.checkpoints_total_limit must be >= 1, got {t.checkpoints_total_limit}")
+    if t.snr_gamma is not None and t.snr_gamma <= 0:
+        raise ConfigError(f"train.snr_gamma must be > 0, got {t.snr_gamma}")
+    if t.resume is not None and m.init_from is not None:
+        raise ConfigError("train.resume continues a run; model.init_from starts a new one from "
+                          "weights: set one of them")
+    if v.every < 0 or v.images_per_prompt < 1:
+        raise ConfigError("validation.every must be >= 0 and validation.images_per_prompt >= 1")
+    if v.every > 0 and not v.prompts:
+        raise ConfigError("validation.every > 0 needs validation.prompts")
+    if cfg.logging.every <= 0:
+        raise ConfigError(f"logging.every must be > 0, got {cfg.logging.every}")
+
+
+# Keys whose values must never reach a file or W&B, whatever a user puts in a config.
+_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Resolved plain dict with anything that looks like a secret removed."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else scrub(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    OmegaConf.save(OmegaConf.create(to_container(cfg)), path)
+
+
+def parse_args(argv: list[str] | None) -> DictConfig:
+    """``[--config F ...] [key=value ...]`` -> validated config."""
+    parser = argparse.ArgumentParser(
+        prog="train/finetune.py",
+        description="Fine-tune Stable Diffusion with memorization monitoring.",
+        epilog="Overrides are OmegaConf dotlist items, e.g. train.max_steps=20 data.path=/data.",
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config layered over configs/base.yaml (repeatable; later wins)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def as_list(node: Any) -> list:
+    return list(node) if isinstance(node, (ListConfig, list, tuple)) else [node]

@@ -1,0 +1,429 @@
+"""Fine-tune Stable Diffusion with accelerate: ``accelerate launch train/finetune.py [--config F] [k=v ...]``.
+
+The training loop is ``run`` below, in execution order. Everything per sample (loss, weights)
+stays a vector until the one place the loop reduces it, so monitors and mitigations can act on
+single samples while every rank still runs the same forward and backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python train/finetune.py` / `accelerate launch train/finetune.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from data.atomic import build_once
+from data.datasets import DataError, DataPosition, _seed_of, build_train_data, resolve_source
+from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
+                              map_data_position, save_checkpoint)
+from train.config import ConfigError, parse_args, save_config
+from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
+from train.tracking import Tracker
+
+log = logging.getLogger("copyguard")
+
+
+# --------------------------------------------------------------------------------------------
+# Builders: each takes only the sub-config it needs
+# --------------------------------------------------------------------------------------------
+
+
+def build_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without an explicit gloo backend, DeepSpeed on CPU leaves every rank thinking it is
+        # rank 0 of 1 (accelerate bug); harmless for the other launchers.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir),
+        kwargs_handlers=handlers,
+    )
+
+
+def check_engine(cfg: DictConfig, accelerator) -> int:
+    """Refuse combinations the launched engine cannot run; return the ZeRO stage (0 = none)."""
+    plugin = accelerator.state.deepspeed_plugin
+    stage = int(plugin.zero_stage) if plugin is not None else 0
+    if plugin is not None and cfg.train.text_encoder:
+        raise ConfigError("train.text_encoder=true is not supported under DeepSpeed (one engine per "
+                          "model); train the text encoder with DDP")
+    if stage == 3 and cfg.train.use_ema:
+        raise ConfigError("train.use_ema=true is not supported with DeepSpeed ZeRO-3 (partitioned "
+                          "weights); use ZeRO-2 or DDP for EMA")
+    if stage == 3 and cfg.validation.prompts:
+        raise ConfigError("validation.prompts are not supported with DeepSpeed ZeRO-3; use the audit "
+                          "on a saved checkpoint instead")
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    return stage
+
+
+def build_optimizer(params, train_cfg: DictConfig):
+    if train_cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'copyguard[bnb]'") from exc
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=train_cfg.lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+               weight_decay=train_cfg.weight_decay, eps=train_cfg.adam_epsilon)
+
+
+def build_lr_scheduler(optimizer, train_cfg: DictConfig):
+    """Built from the *current* config, so a resumed run honours a changed max_steps."""
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.lr_warmup_steps,
+                             num_training_steps=train_cfg.max_steps)
+    except ValueError as exc:
+        raise ConfigError(f"train.lr_scheduler={train_cfg.lr_scheduler!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# One batch: text, noise, per-sample loss
+# --------------------------------------------------------------------------------------------
+
+
+def captions_for_batch(batch: dict, seed: int, caption_dropout: float) -> list[str]:
+    """The caption each sample trains on; dropout to "" is seeded per (epoch, sample) for resume."""
+    if caption_dropout <= 0:
+        return list(batch["text"])
+    import random
+
+    return ["" if random.Random(_seed_of(seed, "caption-dropout", batch["epoch"], sid)).random() < caption_dropout
+            else text for text, sid in zip(batch["text"], batch["sample_id"])]
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids, return_dict=False)[0]
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
+                    snr_gamma: float | None) -> torch.Tensor:
+    """MSE per sample (never pre-reduced), optionally min-SNR weighted (Hang et al. 2023)."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=snr_gamma)
+        # v-prediction's target already carries a (snr + 1) factor (see the min-SNR paper, sec. 4)
+        weight = clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+        loss = loss * weight
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> Path:
+    """Train as ``cfg`` says; return the run directory."""
+    out = Path(cfg.output_dir).expanduser()
+    accelerator = build_accelerator(cfg)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    zero_stage = check_engine(cfg, accelerator)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    tcfg = cfg.train
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    resume_from = find_checkpoint(out, tcfg.resume)
+    if tcfg.resume == "latest" and resume_from is None:
+        log.info("train.resume=latest: no checkpoint in %s yet, starting from step 0", out)
+
+    # Models: the frozen parts in the compute dtype, the trained ones in fp32 (accelerate autocasts).
+    with accelerator.main_process_first():  # the first process builds the tiny preset / data cache
+        parts = load_components(cfg.model, cfg.data.resolution)
+        data_cfg = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = (
+        parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler)
+    dtype = weight_dtype(tcfg.mixed_precision)
+    freeze(vae)
+    vae.to(device, dtype=dtype)
+    if tcfg.text_encoder:
+        text_encoder.train()
+    else:
+        freeze(text_encoder)
+        text_encoder.to(device, dtype=dtype)
+    unet.train()
+    if tcfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if tcfg.text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if tcfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    fingerprint = unet_fingerprint(unet)
+
+    ema = None
+    if tcfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=tcfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema.to(device)
+
+    trained = [unet] + ([text_encoder] if tcfg.text_encoder else [])
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tcfg)
+    lr_scheduler = build_lr_scheduler(optimizer, tcfg)
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+    if tcfg.text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    # Each rank draws its own noise and timesteps; the generator is part of the checkpoint.
+    rng = torch.Generator(device=device).manual_seed(_seed_of(cfg.seed, "noise", rank))
+    state = TrainState(world_size=world, batch_size=tcfg.batch_size, num_workers=cfg.data.num_workers,
+                       model=fingerprint)
+    streaming = data_cfg.source == "webdataset"
+    position = DataPosition()
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, rng, ema, fingerprint)
+        lr_scheduler.load_state_dict({**state.lr_scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
+        position = map_data_position(state, world, tcfg.batch_size, cfg.data.num_workers, streaming)
+        state.data, state.world_size, state.batch_size = position, world, tcfg.batch_size
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, position.epoch, position.batch)
+    data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
+                            cache_dir=cfg.model.cache_dir, position=position)
+
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    tracker = Tracker(cfg, out, accelerator.is_main_process,
+                      resume_step=state.step if resume_from is not None else None)
+    progress = tqdm(total=tcfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
+    log.info("training %s on %s: %s samples, %d process(es) x batch %d x accumulation %d, %d steps",
+             parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
+             tcfg.gradient_accumulation_steps, tcfg.max_steps)
+
+    window = {"loss_sum": 0.0, "samples": 0, "bad": 0, "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+    grad_norm = torch.tensor(float("nan"))
+    batches = iter(data.loader)
+    while state.step < tcfg.max_steps:
+        # 1. data
+        batch = next(batches)
+        pixel_values = batch["pixel_values"].to(device, dtype=dtype, non_blocking=True)
+        bsz = pixel_values.shape[0]
+
+        with accelerator.accumulate(unet):
+            # 2. latents, noise, timesteps, text
+            with torch.no_grad():
+                latents = vae.encode(pixel_values).latent_dist.sample(generator=rng)
+                latents = (latents * vae.config.scaling_factor).float()
+            noise = torch.randn(latents.shape, generator=rng, device=device)
+            if tcfg.noise_offset:
+                noise = noise + tcfg.noise_offset * torch.randn(
+                    (bsz, latents.shape[1], 1, 1), generator=rng, device=device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
+                                      generator=rng, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            captions = captions_for_batch(batch, cfg.seed, tcfg.caption_dropout)
+            with nullcontext() if tcfg.text_encoder else torch.no_grad():
+                text_emb = encode_text(tokenizer, text_encoder, captions, device)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+
+            # 3. forward; 4. loss per sample
+            pred = unet(noisy, timesteps, text_emb, return_dict=False)[0]
+            loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
+            weights = torch.ones_like(loss_vec)
+
+            # Every rank sees every rank's losses: the finite check decides the same on all ranks.
+            all_losses = accelerator.gather(loss_vec.detach())
+            finite = torch.isfinite(all_losses)
+            if not bool(finite.all()):
+                bad_ids = [sid for sid, ok in zip(batch["sample_id"], torch.isfinite(loss_vec)) if not ok]
+                if tcfg.on_nonfinite == "error":
+                    raise FloatingPointError(
+                        f"non-finite loss at step {state.step} ({int((~finite).sum())} sample(s); on this rank: "
+                        f"{bad_ids or 'none'}); lower train.lr, or set train.on_nonfinite=skip")
+                weights = torch.where(torch.isfinite(loss_vec), weights, torch.zeros_like(weights))
+                window["skipped"] += int((~finite).sum())
+
+            # 6-7. reduce, backward, clip, step. A zero weight keeps the sample in the graph, so
+            # every rank runs the same backward whatever it drops.
+            loss = (torch.where(weights > 0, loss_vec, torch.zeros_like(loss_vec)) * weights).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+                # grads are all-reduced, so this decision is the same on every rank
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    window["skipped"] += bsz
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # Bookkeeping per micro-batch: the data position is the batch just consumed, plus one.
+        state.micro_step += 1
+        state.samples_seen += bsz * world
+        if not streaming:
+            nxt = batch["batch"] + 1
+            state.data = (DataPosition(batch["epoch"] + 1, 0, state.micro_step)
+                          if nxt >= data.batches_per_epoch else DataPosition(batch["epoch"], nxt, state.micro_step))
+        else:
+            state.data = DataPosition(0, 0, state.micro_step)
+        window["loss_sum"] += float(all_losses[finite].sum())
+        window["samples"] += int(finite.sum())
+        window["bad"] += batch["bad"]
+        if not accelerator.sync_gradients:
+            continue
+
+        # 7. one optimizer step done
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        state.step += 1
+        window["steps"] += 1
+        progress.update(1)
+
+        if state.step % cfg.logging.every == 0 or state.step == tcfg.max_steps:
+            bad_total = int(accelerator.reduce(torch.tensor(window["bad"], device=device), "sum"))
+            elapsed = time.perf_counter() - window["t0"]
+            samples_per_s = window["steps"] * tcfg.gradient_accumulation_steps * bsz * world / max(elapsed, 1e-9)
+            metrics = {
+                "train/loss": window["loss_sum"] / max(window["samples"], 1),
+                "train/lr": lr_scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/epoch": state.data.epoch + state.data.batch / data.batches_per_epoch if data.batches_per_epoch else 0.0,
+                "train/samples_seen": state.samples_seen,
+                "train/nonfinite_skipped": window["skipped"],
+                "data/bad_samples": bad_total,
+                "perf/samples_per_s": samples_per_s,
+                "perf/step_time_s": elapsed / window["steps"],
+            }
+            tracker.log(metrics, state.step)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", sps=f"{samples_per_s:.1f}")
+            window = {"loss_sum": 0.0, "samples": 0, "bad": 0, "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+
+        # 8. validation images and checkpoints
+        if cfg.validation.prompts and cfg.validation.every and state.step % cfg.validation.every == 0:
+            validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
+        if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps:
+            state.lr_scheduler = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+            path = save_checkpoint(accelerator, out, state, rng, ema, tcfg.checkpoints_total_limit)
+            log.info("saved %s", path)
+
+    progress.close()
+    if cfg.validation.prompts and not (cfg.validation.every and state.step % cfg.validation.every == 0):
+        validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
+    save_final(accelerator, parts, unet, text_encoder, ema, zero_stage, tcfg.text_encoder, out)
+    tracker.finish()
+    accelerator.end_training()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Validation images and the final pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _pipeline(parts, unet, text_encoder, accelerator, scheduler=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=parts.tokenizer,
+        unet=accelerator.unwrap_model(unet), scheduler=scheduler or parts.noise_scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, step, out, tracker) -> None:
+    """Images for the configured prompts; prompts are shared out over ranks so none waits long."""
+    from diffusers import DDIMScheduler
+
+    vcfg = cfg.validation
+    folder = out / "val" / f"step-{step}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:  # look at the EMA weights, then put the trained ones back
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    pipe = _pipeline(parts, unet, text_encoder, accelerator, DDIMScheduler.from_config(parts.noise_scheduler.config))
+    jobs = [(i, j) for i in range(len(vcfg.prompts)) for j in range(vcfg.images_per_prompt)]
+    autocast = torch.autocast(accelerator.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    for i, j in jobs[accelerator.process_index::accelerator.num_processes]:
+        generator = torch.Generator(device=accelerator.device).manual_seed(vcfg.seed + 1000 * i + j)
+        with autocast:
+            image = pipe(vcfg.prompts[i], num_inference_steps=vcfg.num_inference_steps,
+                         guidance_scale=vcfg.guidance_scale, generator=generator,
+                         height=cfg.data.resolution, width=cfg.data.resolution).images[0]
+        image.save(folder / f"p{i:03d}-{j}.png")
+    model.train()
+    if ema is not None:
+        ema.restore(model.parameters())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        images = [(folder / f"p{i:03d}-{j}.png", vcfg.prompts[i]) for i, j in jobs]
+        tracker.log_images("val/images", images, step)
+        tracker.log({"val/num_images": len(images)}, step)
+
+
+def save_final(accelerator, parts, unet, text_encoder, ema, zero_stage, train_text_encoder, out) -> None:
+    """``<run>/final``: a whole diffusers pipeline (EMA weights when EMA is on), published atomically."""
+    state_dict = accelerator.get_state_dict(unet) if zero_stage == 3 else None  # a collective under ZeRO-3
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if state_dict is not None:
+            model = type(model).from_config(model.config)
+            model.load_state_dict(state_dict)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        encoder = accelerator.unwrap_model(text_encoder) if train_text_encoder else parts.text_encoder
+        final = out / "final"
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        model = model.to(torch.float32)
+        parts.vae.to(torch.float32)
+        encoder.to(torch.float32)
+        build_once(final, "model_index.json", lambda tmp: save_pipeline(parts, model, encoder, tmp))
+        log.info("saved the final pipeline to %s", final)
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    try:
+        return run(cfg)
+    except (ConfigError, CheckpointError, ModelError, DataError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

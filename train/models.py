@@ -1,0 +1,227 @@
+"""Stable Diffusion components: load them from a diffusers folder or hub id, or build the tiny preset.
+
+The tiny preset is written to disk as an ordinary diffusers pipeline and then loaded through the
+same ``from_pretrained`` path as a real SD checkpoint, so CPU runs and tests exercise the code
+users rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.atomic import build_once
+
+log = logging.getLogger(__name__)
+
+SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+class ModelError(ValueError):
+    """A model source that cannot be used; the message says what is wrong."""
+
+
+@dataclass
+class Components:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+    source: str  # the folder or hub id they came from
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny preset
+# --------------------------------------------------------------------------------------------
+
+
+def _byte_symbols() -> list[str]:
+    """One printable unicode symbol per byte, as byte-level BPE vocabularies spell them."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            symbols.append(chr(byte))
+        else:  # bytes without a printable glyph are moved above 255
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def byte_level_tokenizer():
+    """A CLIP tokenizer whose vocabulary is the 256 bytes (+ word-end forms) and no merges.
+
+    Every string tokenizes (nothing is unknown), one character per token, with SD1.x's conventions
+    (BOS 49406-style start token, pad = end-of-text) and a 77-token context.
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_pipeline(tiny: DictConfig, resolution: int):
+    """Build a randomly initialised SD-architecture pipeline (deterministic for tiny.init_seed)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(tiny.init_seed)
+    tokenizer = byte_level_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=tiny.cross_attention_dim,
+        intermediate_size=tiny.text_intermediate_size, num_hidden_layers=tiny.text_layers,
+        num_attention_heads=tiny.text_heads, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae_channels = list(tiny.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+        layers_per_block=1, norm_num_groups=min(32, vae_channels[0]), sample_size=resolution,
+    )
+    latent_size = resolution // 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4,
+        block_out_channels=list(tiny.block_out_channels), layers_per_block=tiny.layers_per_block,
+        down_block_types=list(tiny.down_block_types), up_block_types=list(tiny.up_block_types),
+        cross_attention_dim=tiny.cross_attention_dim, attention_head_dim=tiny.attention_heads,
+        norm_num_groups=min(32, tiny.block_out_channels[0]),
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=tiny.beta_schedule,
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False,
+                              prediction_type=tiny.prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def ensure_tiny(tiny: DictConfig, resolution: int, cache_dir: str) -> Path:
+    """Build the tiny preset into the cache once (atomically) and return its folder."""
+    spec = json.dumps({"tiny": OmegaConf.to_container(tiny), "resolution": resolution, "v": 1},
+                      sort_keys=True)
+    key = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    target = Path(cache_dir).expanduser() / "presets" / f"tiny-{key}"
+    def build(tmp: Path) -> None:
+        tiny_pipeline(tiny, resolution).save_pretrained(tmp)
+        (tmp / "copyguard_preset.json").write_text(spec)
+
+    return build_once(target, "model_index.json", build)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def check_diffusers_folder(path: Path) -> None:
+    """Fail early, in plain words, when a local folder is not a Stable Diffusion pipeline."""
+    if not path.is_dir():
+        raise ModelError(f"model folder not found: {path}")
+    if not (path / "model_index.json").is_file():
+        hint = ""
+        if (path / "model.safetensors").is_file() or any(path.glob("*.ckpt")):
+            hint = " (it looks like a single model or a raw checkpoint, not a diffusers pipeline)"
+        elif (path / "train_state.json").is_file():
+            hint = " (it is a copyguard training checkpoint: use train.resume or model.init_from)"
+        raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing{hint}")
+    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise ModelError(f"{path} is not a Stable Diffusion pipeline: missing {', '.join(missing)}")
+
+
+def load_components(model_cfg: DictConfig, resolution: int) -> Components:
+    """Tokenizer, text encoder, VAE, UNet and training noise scheduler, via ``from_pretrained``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if model_cfg.preset == "tiny":
+        source = str(ensure_tiny(model_cfg.tiny, resolution, model_cfg.cache_dir))
+    else:
+        source = model_cfg.pretrained
+        local = Path(source).expanduser()
+        if local.exists() or source.startswith((".", "/", "~")):
+            check_diffusers_folder(local)
+            source = str(local)
+    kw = dict(revision=model_cfg.revision)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
+                                                     variant=model_cfg.variant, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=model_cfg.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet",
+                                                    variant=model_cfg.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    except OSError as exc:
+        raise ModelError(f"cannot load a Stable Diffusion model from {source!r}: {exc}") from exc
+    if model_cfg.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+    if model_cfg.init_from:
+        init_unet_from(unet, model_cfg.init_from)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
+
+
+def init_unet_from(unet, path: str) -> None:
+    """Load UNet weights for NEW training from a final/ pipeline or a training checkpoint."""
+    from safetensors.torch import load_file
+
+    root = Path(path).expanduser()
+    candidates = [root / "unet" / "diffusion_pytorch_model.safetensors",  # final/ pipeline
+                  root / "model.safetensors"]  # accelerate checkpoint of the UNet
+    for file in candidates:
+        if file.is_file():
+            state = load_file(file)
+            missing, unexpected = unet.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ModelError(f"model.init_from={path}: weights do not fit this UNet "
+                                 f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                                 f"{(missing or unexpected)[0]}); was it trained from another model?")
+            log.info("initialised UNet from %s", file)
+            return
+    raise ModelError(f"model.init_from={path}: no UNet weights found (looked for "
+                     f"{', '.join(str(c.relative_to(root)) for c in candidates)})")
+
+
+def save_pipeline(components: Components, unet, text_encoder, out_dir: str | os.PathLike) -> None:
+    """Write a diffusers pipeline that ``StableDiffusionPipeline.from_pretrained`` loads unchanged."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=unet,
+        scheduler=components.noise_scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+
+
+def unet_fingerprint(unet) -> dict:
+    """What must match for a checkpoint to resume into this model."""
+    config = dict(unet.config)
+    keep = ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim",
+            "in_channels", "out_channels", "layers_per_block", "sample_size", "attention_head_dim")
+    return {k: (list(config[k]) if isinstance(config[k], (list, tuple)) else config[k])
+            for k in keep if k in config}
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def freeze(module: torch.nn.Module) -> None:
+    module.requires_grad_(False)
+    module.eval()

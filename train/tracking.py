@@ -1,0 +1,89 @@
+"""Metrics: ``metrics.jsonl`` always (the source of truth tests and tools read), W&B when enabled.
+
+Only the main process writes. Keys are namespaced (``train/``, ``perf/``, ``memo/``, ``mitig/``,
+``eval/``, ``val/``). The W&B run id is kept in the run directory so a resumed run continues the
+same W&B run, and ``metrics.jsonl`` drops rows past the resumed step so history is not doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from train.config import to_container
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+class Tracker:
+    def __init__(self, cfg: DictConfig, output_dir: Path, is_main: bool, resume_step: Optional[int] = None):
+        self.is_main = is_main
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not is_main:
+            return
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        if cfg.logging.wandb:
+            self.wandb_run = self._init_wandb(cfg, Path(output_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        """Steps after the checkpoint will be trained again: keep their first record only."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def _init_wandb(self, cfg: DictConfig, output_dir: Path):
+        import wandb
+
+        id_file = output_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        mode = cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
+        return wandb.init(
+            project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
+            name=cfg.logging.run_name or output_dir.name, id=run_id, resume="allow",
+            dir=str(output_dir), mode=mode, config=to_container(cfg),
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_images(self, key: str, images: list[tuple[Any, str]], step: int) -> None:
+        """``images``: (PIL image or path, caption) pairs; files on disk are the record, W&B shows them."""
+        if not self.is_main or self.wandb_run is None or not images:
+            return
+        import wandb
+
+        self.wandb_run.log({key: [wandb.Image(img if not isinstance(img, Path) else str(img), caption=cap)
+                                  for img, cap in images]}, step=step)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
