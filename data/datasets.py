@@ -151,7 +151,7 @@ class MapDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         index, epoch, batch = key
-        bad = 0
+        bad: list[str] = []
         # A bad sample is replaced by the next good row: deterministic, and the batch keeps its
         # size, so every rank runs the same shapes. The count travels with the batch.
         for offset in range(len(self)):
@@ -162,7 +162,7 @@ class MapDataset(torch.utils.data.Dataset):
                 if self.cfg.on_bad_sample == "error":
                     raise BadSampleError(f"{exc} (set data.on_bad_sample=skip to skip bad samples)") from None
                 log.warning("skipping bad sample: %s", exc)
-                bad += 1
+                bad.append(f"row {(index + offset) % len(self)}")
         else:
             raise DataError("every sample in the data set is bad (missing/corrupt images or empty captions)")
         sample.update(epoch=epoch, batch=batch, bad=bad)
@@ -294,10 +294,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # Batches alternate between workers, so worker w made every workers-th batch.
+        # Batches alternate between workers, worker 0 first. After k batches the next one must come
+        # from the stream that made batch k, so a fresh loader's worker w takes over stream
+        # (w + k) % workers, which had made every workers-th batch.
+        worker = (worker + self.skip_batches) % workers
         mine = max(0, (self.skip_batches - worker + workers - 1) // workers)
         skip = mine * self.batch_size
-        bad, epoch = 0, 0
+        bad: list[str] = []
+        epoch = 0
         while True:
             shards = list(self.urls)
             random.Random(_seed_of(self.seed, "shards", epoch)).shuffle(shards)
@@ -312,12 +316,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                         raise BadSampleError(f"{exc} (set data.on_bad_sample=skip to skip bad samples)") from None
                     if skip == 0:
                         log.warning("skipping bad sample: %s", exc)
-                        bad += 1
+                        bad.append(f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}")
                     continue
                 if skip > 0:  # already trained on before the resume
                     skip -= 1
                     continue
-                sample["bad"], bad = bad, 0
+                sample["bad"], bad = bad, []
                 yield sample
             epoch += 1
 
@@ -345,7 +349,7 @@ def collate(samples: list[dict]) -> dict:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "epoch": samples[0]["epoch"],
         "batch": samples[0]["batch"],
-        "bad": sum(s["bad"] for s in samples),
+        "bad": [b for s in samples for b in s["bad"]],  # where the bad samples that were skipped are
     }
 
 

@@ -213,3 +213,16 @@ def map_data_position(state: TrainState, world_size: int, batch_size: int, num_w
             f"whose product divides {offset}, or with the original {state.world_size} x {state.batch_size}")
     return DataPosition(state.data.epoch, offset // new_global, state.data.batches_consumed)
 
+
+
+@torch.no_grad()
+def weights_divergence(accelerator, model: torch.nn.Module) -> float:
+    """How far the ranks' copies of ``model`` are apart (0.0 when they are in step).
+
+    Each rank reduces its weights to a float64 (sum, sum of squares) pair; the pairs are gathered
+    and compared with rank 0's. Cheap enough for every checkpoint; meaningless under ZeRO-3.
+    """
+    params = [p for p in model.parameters()]
+    local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().pow(2).sum() for p in params)])
+    everyone = accelerator.gather(local[None].to(accelerator.device))
+    return float((everyone - everyone[0]).abs().max())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from data.atomic import build_once
 from data.datasets import DataError, DataPosition, _seed_of, build_train_data, resolve_source
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
-                              map_data_position, save_checkpoint)
+                              map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.tracking import Tracker
@@ -133,6 +133,20 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.T
     return loss
 
 
+def new_window() -> dict:
+    """Sums over the steps since the last log line."""
+    return {"loss_sum": 0.0, "samples": 0, "bad": [], "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+
+
+def gather_strings(accelerator, items: list[str]) -> list[str]:
+    """Every rank's items, on every rank (bad-sample names are rare, so objects are fine)."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return [s for part in gather_object([list(items)]) for s in part]
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -219,7 +233,8 @@ def run(cfg: DictConfig) -> Path:
              parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
              tcfg.gradient_accumulation_steps, tcfg.max_steps)
 
-    window = {"loss_sum": 0.0, "samples": 0, "bad": 0, "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+    bad_samples: set[str] = set()  # distinct bad samples met so far, over all ranks
+    window = new_window()
     grad_norm = torch.tensor(float("nan"))
     batches = iter(data.loader)
     while state.step < tcfg.max_steps:
@@ -303,7 +318,7 @@ def run(cfg: DictConfig) -> Path:
         progress.update(1)
 
         if state.step % cfg.logging.every == 0 or state.step == tcfg.max_steps:
-            bad_total = int(accelerator.reduce(torch.tensor(window["bad"], device=device), "sum"))
+            bad_samples.update(gather_strings(accelerator, window["bad"]))
             elapsed = time.perf_counter() - window["t0"]
             samples_per_s = window["steps"] * tcfg.gradient_accumulation_steps * bsz * world / max(elapsed, 1e-9)
             metrics = {
@@ -313,18 +328,23 @@ def run(cfg: DictConfig) -> Path:
                 "train/epoch": state.data.epoch + state.data.batch / data.batches_per_epoch if data.batches_per_epoch else 0.0,
                 "train/samples_seen": state.samples_seen,
                 "train/nonfinite_skipped": window["skipped"],
-                "data/bad_samples": bad_total,
+                "data/bad_samples": len(bad_samples),
                 "perf/samples_per_s": samples_per_s,
                 "perf/step_time_s": elapsed / window["steps"],
             }
             tracker.log(metrics, state.step)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", sps=f"{samples_per_s:.1f}")
-            window = {"loss_sum": 0.0, "samples": 0, "bad": 0, "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+            window = new_window()
 
         # 8. validation images and checkpoints
         if cfg.validation.prompts and cfg.validation.every and state.step % cfg.validation.every == 0:
             validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
         if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps:
+            if zero_stage < 3 and world > 1:  # ranks must hold the same weights; say so if not
+                divergence = weights_divergence(accelerator, accelerator.unwrap_model(unet))
+                tracker.log({"dist/weights_divergence": divergence, "dist/world_size": world}, state.step)
+                if divergence > 0:
+                    log.warning("ranks hold different weights at step %d (divergence %.3g)", state.step, divergence)
             state.lr_scheduler = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
             path = save_checkpoint(accelerator, out, state, rng, ema, tcfg.checkpoints_total_limit)
             log.info("saved %s", path)

@@ -135,10 +135,10 @@ def check_diffusers_folder(path: Path) -> None:
         raise ModelError(f"model folder not found: {path}")
     if not (path / "model_index.json").is_file():
         hint = ""
-        if (path / "model.safetensors").is_file() or any(path.glob("*.ckpt")):
-            hint = " (it looks like a single model or a raw checkpoint, not a diffusers pipeline)"
-        elif (path / "train_state.json").is_file():
+        if (path / "train_state.json").is_file():
             hint = " (it is a copyguard training checkpoint: use train.resume or model.init_from)"
+        elif (path / "model.safetensors").is_file() or any(path.glob("*.ckpt")):
+            hint = " (it looks like a single model or a raw checkpoint, not a diffusers pipeline)"
         raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing{hint}")
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if missing:

@@ -1,0 +1,62 @@
+"""Read a built testbed back: rows, images as float arrays, masks, the distinct training images.
+
+Small helpers so evaluation code does not re-derive the folder's conventions (rows repeat files
+for global copies; held-out rows share the metadata; global rows have no mask file).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def read_manifest(root: str | Path) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def read_rows(root: str | Path, split: str | None = None, group: str | None = None) -> list[dict]:
+    """Rows of ``metadata.jsonl``, optionally only one split ("train"/"heldout") or group."""
+    rows = [json.loads(line) for line in (Path(root) / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return [r for r in rows if (split is None or r["split"] == split) and (group is None or r["group"] == group)]
+
+
+def load_image(root: str | Path, relative: str) -> np.ndarray:
+    """An image of the testbed as float32 (H, W, 3) in [0, 1]."""
+    with Image.open(Path(root) / relative) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_mask(root: str | Path, row: dict) -> np.ndarray | None:
+    """The row's ground-truth region as bool (H, W): the stamp for local rows, everything for
+    global rows (the whole image is the copy), None for clean and held-out rows."""
+    if row.get("mask_file"):
+        with Image.open(Path(root) / row["mask_file"]) as mask:
+            return np.asarray(mask.convert("L")) > 127
+    if row["group"] == "global":
+        with Image.open(Path(root) / row["file_name"]) as image:
+            return np.ones((image.height, image.width), dtype=bool)
+    return None
+
+
+@dataclass
+class TrainingImages:
+    """Each distinct training image once (global copies collapsed), for nearest-neighbour search."""
+
+    images: np.ndarray       # float32 (N, H, W, 3)
+    file_names: list[str]
+    source_ids: list[str]
+    groups: list[str]
+
+
+def training_images(root: str | Path) -> TrainingImages:
+    seen: dict[str, dict] = {}
+    for row in read_rows(root, split="train"):
+        seen.setdefault(row["file_name"], row)
+    files = sorted(seen)
+    return TrainingImages(np.stack([load_image(root, f) for f in files]), files,
+                          [seen[f]["source_id"] for f in files], [seen[f]["group"] for f in files])
