@@ -75,8 +75,23 @@ class ShapesDataConfig:
 
 
 @dataclass
+class TestbedDataConfig:
+    """The memorization testbed (data/testbed): planted global and local copies with ground truth.
+    Its own seed, so runs with different training seeds see the same data."""
+
+    source: str = "openmoji"  # or folder:PATH
+    seed: int = 0
+    n_clean: int = 400
+    n_heldout: int = 100
+    n_global: int = 10
+    global_repeats: int = 30
+    n_local_groups: int = 4
+    local_per_group: int = 12
+
+
+@dataclass
 class DataConfig:
-    source: str = "imagefolder"  # imagefolder | hf | webdataset | shapes
+    source: str = "imagefolder"  # imagefolder | hf | webdataset | shapes | testbed
     path: Optional[str] = None  # folder, data set name/path, or shard pattern ("a/{000..009}.tar")
     split: str = "train"
     image_column: str = "image"
@@ -92,6 +107,7 @@ class DataConfig:
     on_bad_sample: str = "skip"  # skip (count + warn) | error
     shuffle_buffer: int = 1000  # webdataset only: sample shuffle buffer per worker
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+    testbed: TestbedDataConfig = field(default_factory=TestbedDataConfig)
 
 
 @dataclass
@@ -236,10 +252,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.preset must be 'tiny', got {m.preset!r}")
     if m.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ConfigError(f"model.prediction_type must be epsilon or v_prediction, got {m.prediction_type!r}")
-    sources = ("imagefolder", "hf", "webdataset", "shapes")
+    sources = ("imagefolder", "hf", "webdataset", "shapes", "testbed")
     if d.source not in sources:
         raise ConfigError(f"data.source must be one of {sources}, got {d.source!r}")
-    if d.source != "shapes" and not d.path:
+    if d.source == "testbed" and d.random_flip:
+        raise ConfigError("data.random_flip=true moves the testbed's stamps to the other corner, so its "
+                          "ground-truth masks would be wrong; set data.random_flip=false")
+    if d.source not in ("shapes", "testbed") and not d.path:
         raise ConfigError(f"data.source={d.source} needs data.path")
     if d.on_bad_sample not in ("skip", "error"):
         raise ConfigError(f"data.on_bad_sample must be skip or error, got {d.on_bad_sample!r}")

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/finetune.py` / `accelerate launch train/finetune.py`
@@ -53,6 +53,22 @@ def build_accelerator(cfg: DictConfig):
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
         kwargs_handlers=handlers,
     )
+
+
+@contextmanager
+def zero3_init_disabled(plugin):
+    """Load models whole under ZeRO-3: the frozen VAE and text encoder run outside the engine, and
+    the UNet is partitioned when accelerate prepares it. accelerate's own switch leaves
+    transformers' global DeepSpeed config alive, so every rank would hang in a broadcast inside
+    ``CLIPTextModel.from_pretrained`` while another waits elsewhere; unset it explicitly."""
+    if plugin is None or int(plugin.zero_stage) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    with plugin.zero3_init_context_manager(enable=False):
+        unset_hf_deepspeed_config()
+        yield
 
 
 def check_engine(cfg: DictConfig, accelerator) -> int:
@@ -168,7 +184,8 @@ def run(cfg: DictConfig) -> Path:
         log.info("train.resume=latest: no checkpoint in %s yet, starting from step 0", out)
 
     # Models: the frozen parts in the compute dtype, the trained ones in fp32 (accelerate autocasts).
-    with accelerator.main_process_first():  # the first process builds the tiny preset / data cache
+    plugin = accelerator.state.deepspeed_plugin
+    with accelerator.main_process_first(), zero3_init_disabled(plugin):  # first process builds preset/data
         parts = load_components(cfg.model, cfg.data.resolution)
         data_cfg = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
     tokenizer, text_encoder, vae, unet, noise_scheduler = (
@@ -201,8 +218,8 @@ def run(cfg: DictConfig) -> Path:
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tcfg)
     lr_scheduler = build_lr_scheduler(optimizer, tcfg)
-    if accelerator.state.deepspeed_plugin is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
     if tcfg.text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:

@@ -10,10 +10,12 @@ Two signals read the UNet's cross-attention (``attn2``) probabilities:
   the signal).
 
 The fused SDPA kernel never materializes the probabilities, so for the configured ``attn2`` layers
-we install a processor that computes attention explicitly (softmax(QK^T * scale) V) and keeps only
-those two reductions per sample. Self-attention (``attn1``) is left on the default fused processor:
-its N x N maps are large, replacing it costs 2-3x, and no signal needs it. Cross-attention maps are
-only N x 77, so the explicit path costs a few percent.
+we install a processor that also computes softmax(Q K^T * scale) and keeps only those two
+reductions per sample. Records are detached by default: the output then still comes from the fused
+kernel and the probabilities are a no-grad side computation. With ``with_grad=True`` the output is
+computed from the explicit probabilities so that a regularizer on the records trains the attention.
+Self-attention (``attn1``) is left on the default fused processor: its N x N maps are large,
+replacing it costs 2-3x, and no signal needs it. Cross-attention maps are only N x 77.
 
 Typical use in a training step::
 
@@ -42,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 _PROCESSOR_SUFFIX = ".processor"
 
@@ -107,7 +110,9 @@ def default_be_layers(unet) -> list[str]:
     raise ValueError(f"cannot locate the highest-resolution cross-attention among {xattn}")
 
 
-def _select(available: Sequence[str], selectors: str | Iterable[str] | None, what: str) -> list[str]:
+def _select(
+    available: Sequence[str], selectors: str | Iterable[str] | None, what: str
+) -> list[str]:
     """Resolve 'all' / None / a list of names or dotted prefixes to attn2 layer names.
 
     A selector matches a layer exactly or as a dotted prefix, so ``"down_blocks.0"`` selects every
@@ -165,11 +170,14 @@ def cfg_end_token_index(
     if isinstance(uncond_index, int):
         uncond = torch.full_like(cond_index, uncond_index)
     else:
-        uncond = torch.as_tensor(uncond_index, dtype=torch.long, device=cond_index.device).reshape(-1)
+        uncond = torch.as_tensor(uncond_index, dtype=torch.long, device=cond_index.device)
+        uncond = uncond.reshape(-1)
         if uncond.numel() == 1:
             uncond = uncond.expand_as(cond_index)
     if uncond.shape != cond_index.shape:
-        raise ValueError(f"uncond_index {tuple(uncond.shape)} vs cond_index {tuple(cond_index.shape)}")
+        raise ValueError(
+            f"uncond_index {tuple(uncond.shape)} vs cond_index {tuple(cond_index.shape)}"
+        )
     return torch.cat([uncond, cond_index])
 
 
@@ -227,7 +235,7 @@ def _grid_size(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | N
                 return height, width
             if height * width < n or (height == 1 and width == 1):
                 break
-            height, width = height // 2, width // 2
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
     side = math.isqrt(n)
     return (side, side) if side * side == n else None
 
@@ -238,13 +246,22 @@ def _grid_size(n: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | N
 
 
 class CaptureAttnProcessor:
-    """attn2 processor: explicit attention that hands the probabilities to its capture.
+    """attn2 processor that hands the layer's attention probabilities to its capture.
 
     Computes the same function as diffusers' ``AttnProcessor`` / ``AttnProcessor2_0`` (spatial
-    and group norm, cross norm, q/k norm, mask, residual, output rescale) but with the softmax
-    materialized, so the capture can reduce it. When the capture is disabled, or the layer is
-    called as self-attention, it defers to the processor it replaced (the fused path).
+    and group norm, cross norm, q/k norm, mask, residual, output rescale) in one of three modes:
+
+    * ``ORIGINAL``: capture disabled (or the layer called as self-attention): defer to the
+      processor we replaced, so a disabled capture costs nothing and changes nothing.
+    * ``PROBE`` (records detached): the output comes from the fused SDPA kernel as before, and
+      the probabilities softmax(Q K^T * scale) are recomputed from the same Q, K under
+      ``no_grad`` for the records. Only a forward matmul + softmax is added; no backward.
+    * ``EXPLICIT`` (``with_grad`` and grad enabled): the output is computed from the explicit
+      probabilities, so the records share the graph of the output and a regularizer on them
+      backpropagates into the attention weights. About 2x the attention cost on CPU.
     """
+
+    ORIGINAL, PROBE, EXPLICIT = "original", "probe", "explicit"
 
     def __init__(self, capture: "AttentionCapture", name: str, original, tokens: bool, be: bool):
         self.capture = capture
@@ -257,24 +274,31 @@ class CaptureAttnProcessor:
         params = inspect.signature(original.__call__).parameters
         self._original_takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self._original_params = set(params)
-        self._last_grad_forward_explicit = False
+        self._last_grad_mode = self.ORIGINAL
 
-    def _explicit_path(self, encoder_hidden_states, in_backward: bool) -> bool:
-        """Whether this call computes attention explicitly (and records) or defers.
+    def _mode(self, encoder_hidden_states, in_backward: bool) -> str:
+        """Pick the computation for this call (see the class docstring).
 
-        Called as self-attention (no context) there is nothing to capture. During backward,
-        gradient checkpointing re-runs the forward; it must take the same path as the original
-        forward (checkpoint checks that the recomputed tensors match), even if recording was
-        switched off in between, so we replay the choice of the last grad-enabled forward.
+        During backward, gradient checkpointing re-runs the forward; it must take the same path
+        as the original forward did (checkpoint checks that the recomputed saved tensors match),
+        even if recording was switched off in between, so we replay the mode of the last
+        grad-enabled forward.
         """
         if encoder_hidden_states is None:
-            return False
+            return self.ORIGINAL
         if in_backward:
-            return self._last_grad_forward_explicit
-        explicit = self.capture.enabled
-        if torch.is_grad_enabled():
-            self._last_grad_forward_explicit = explicit
-        return explicit
+            return self._last_grad_mode
+        capture = self.capture
+        grad = torch.is_grad_enabled()
+        if not capture.enabled:
+            mode = self.ORIGINAL
+        elif capture.with_grad and grad:
+            mode = self.EXPLICIT
+        else:
+            mode = self.PROBE
+        if grad:
+            self._last_grad_mode = mode
+        return mode
 
     def _call_original(self, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs):
         if not self._original_takes_any:
@@ -287,6 +311,22 @@ class CaptureAttnProcessor:
             **kwargs,
         )
 
+    @staticmethod
+    def _probabilities(attn, query, key, mask) -> torch.Tensor:
+        """softmax(Q K^T * scale + mask) in float32: [B, heads, N, T]."""
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        # Scaling the query ([.., N, head_dim]) is cheaper than scaling the scores ([.., N, 77]).
+        scores = torch.matmul(query * attn.scale, key.transpose(-1, -2))
+        if mask is not None:
+            if mask.dtype == torch.bool:  # SDPA semantics: True = attend
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:  # additive bias, as the UNet builds from encoder_attention_mask
+                scores = scores + mask
+        # Float32 softmax whatever the model dtype: the records are probabilities compared
+        # across samples, and fused kernels accumulate in float32 as well.
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
     def __call__(
         self,
         attn,
@@ -296,8 +336,12 @@ class CaptureAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         in_backward = _in_backward()
-        if not self._explicit_path(encoder_hidden_states, in_backward):
-            return self._call_original(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs)
+        mode = self._mode(encoder_hidden_states, in_backward)
+        if mode == self.ORIGINAL:
+            return self._call_original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, kwargs
+            )
+        record = not in_backward  # a checkpoint recomputation must not overwrite the records
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -331,30 +375,29 @@ class CaptureAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        # attn.scale is dim_head ** -0.5 unless the model asked otherwise (scale_qk=False);
-        # it is what AttnProcessor uses and what SDPA's default equals for SD models.
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [B, heads, N, T]
-
+        mask = None
         if attention_mask is not None:
-            tokens = key.shape[-2]
-            mask = attn.prepare_attention_mask(attention_mask, tokens, batch)  # [B*heads, 1|N, T]
+            # [B*heads, 1 or N, T] -> [B, heads, 1 or N, T]
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch)
             mask = mask.view(batch, heads, -1, mask.shape[-1])
-            if mask.dtype == torch.bool:  # SDPA semantics: True = attend
-                scores = scores.masked_fill(~mask, float("-inf"))
-            else:  # additive bias, as the UNet builds from encoder_attention_mask
-                scores = scores + mask
 
-        # Softmax in float32 regardless of the model dtype: the records are probabilities we
-        # compare across samples, and fused kernels accumulate in float32 as well.
-        probs = scores.float().softmax(dim=-1)
-        if not in_backward:
-            self.capture._record(self, probs)
+        if mode == self.EXPLICIT:
+            probs = self._probabilities(attn, query, key, mask)
+            if record:
+                self.capture._record(self, probs)
+            hidden_states = torch.matmul(probs.to(value.dtype), value)
+        else:  # PROBE
+            # attn.scale is dim_head ** -0.5 (SDPA's default) unless the model set scale_qk=False;
+            # passing it keeps the output and the recorded probabilities consistent.
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+            if record:
+                with torch.no_grad():
+                    self.capture._record(self, self._probabilities(attn, query, key, mask))
 
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim)
-
+        hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear projection
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
@@ -385,8 +428,9 @@ class AttentionCapture:
             between steps.
         enabled: start recording right away (see ``recording`` to toggle per step).
 
-    Memory: per layer only [B, T] and [B, h*w] are kept; the [B, heads, h*w, T] probabilities
-    live only inside the layer's forward (and in autograd's saved tensors, as they would anyway).
+    Memory: per layer only [B, T] and [B, h*w] are kept. The [B, heads, h*w, T] probabilities
+    exist only inside the layer's forward; with ``with_grad`` autograd also saves them for the
+    backward of the explicit attention (float32, one such tensor per hooked layer).
     """
 
     def __init__(
@@ -446,7 +490,9 @@ class AttentionCapture:
         # set_attn_processor pops from the dict it receives and requires one entry per layer.
         self.unet.set_attn_processor(new)
         self._originals = originals
-        self._hook_handle = self.unet.register_forward_pre_hook(self._remember_latent_size, with_kwargs=True)
+        self._hook_handle = self.unet.register_forward_pre_hook(
+            self._remember_latent_size, with_kwargs=True
+        )
         return self
 
     def remove(self) -> None:
@@ -500,7 +546,8 @@ class AttentionCapture:
             index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
             self._end_index = index
             # Range checked once here, on the host, so the forward never syncs with the GPU.
-            self._end_index_range = (int(index.min()), int(index.max())) if index.numel() else None
+            empty = index.numel() == 0
+            self._end_index_range = (0, 0) if empty else (int(index.min()), int(index.max()))
 
     def _end_index_for(self, rows: int, device: torch.device) -> torch.Tensor | None:
         index = self._end_index
@@ -510,7 +557,9 @@ class AttentionCapture:
             return torch.full((rows,), index, dtype=torch.long, device=device)
         if index.numel() != rows:
             hint = " (CFG batch? use cfg_end_token_index)" if index.numel() * 2 == rows else ""
-            raise ValueError(f"end-token index has {index.numel()} entries for {rows} batch rows{hint}")
+            raise ValueError(
+                f"end-token index has {index.numel()} entries for {rows} batch rows{hint}"
+            )
         if index.device != device:
             index = self._end_index = index.to(device)
         return index
@@ -543,7 +592,9 @@ class AttentionCapture:
             if index is not None:
                 low, high = self._end_index_range
                 if low < 0 or high >= n_tokens:
-                    raise ValueError(f"end-token index [{low}, {high}] out of range for {n_tokens} tokens")
+                    raise ValueError(
+                        f"end-token index [{low}, {high}] out of range for {n_tokens} tokens"
+                    )
                 rows = torch.arange(batch, device=source.device)
                 # source[b, :, :, index[b]] for every b -> [B, heads, N], then heads averaged
                 record.be = source[rows, :, :, index].mean(dim=1)
