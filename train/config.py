@@ -161,6 +161,44 @@ class ValidationConfig:
 
 
 @dataclass
+class FlagConfig:
+    policy: str = "zscore"  # zscore | quantile | absolute (see train/monitor/ledger.py)
+    min_obs: int = 2
+    on: float = 3.0
+    off: float = 2.0
+    quantile: float = 0.02
+    quantile_off: float = 0.04
+
+
+@dataclass
+class MonitorConfig:
+    """Per-sample memorization signals on every batch, a ledger, and flags (train/monitor)."""
+
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: [
+        "be_mass", "be_topk", "be_entropy", "token_entropy", "start_mass", "loss", "magnitude", "be_magnitude"])
+    signal_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
+    be_layers: Optional[list[str]] = None  # None: the highest-resolution cross-attention of the down path
+    token_layers: Optional[list[str]] = None  # None: every cross-attention layer
+    be_mode: str = "probe"  # probe: a no-grad pass at t=probe_t | drawn: from samples whose drawn t < be_max_t
+    be_max_t: int = 100
+    probe_t: int = 20
+    probe_every: int = 10
+    probe_samples: int = 0  # per rank; 0 = the whole micro-batch
+    magnitude_every: int = 10  # 0 = never; the extra empty-prompt pass
+    magnitude_samples: int = 0  # per rank; 0 = the whole micro-batch
+    topk_frac: float = 0.1
+    t_bins: int = 10
+    length_edges: list[int] = field(default_factory=lambda: [4, 8, 12, 16, 24, 32, 48, 64])
+    stats_horizon: int = 2000
+    stats_warmup: int = 8
+    flag: FlagConfig = field(default_factory=FlagConfig)
+    label_column: Optional[str] = "group"  # ground truth, when the data has it (the testbed)
+    negative_label: str = "clean"
+    table_size: int = 16  # rows of the W&B table of top flagged samples
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -169,6 +207,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +329,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("validation.every must be >= 0 and validation.images_per_prompt >= 1")
     if v.every > 0 and not v.prompts:
         raise ConfigError("validation.every > 0 needs validation.prompts")
+    mon = cfg.monitor
+    from train.monitor.signals import SIGNALS
+
+    unknown = [s for s in list(mon.signals) + list(mon.signal_weights) if s not in SIGNALS]
+    if unknown:
+        raise ConfigError(f"monitor.signals: unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
+    if mon.be_mode not in ("probe", "drawn"):
+        raise ConfigError(f"monitor.be_mode must be probe or drawn, got {mon.be_mode!r}")
+    if mon.flag.policy not in ("zscore", "quantile", "absolute"):
+        raise ConfigError(f"monitor.flag.policy must be zscore, quantile or absolute, got {mon.flag.policy!r}")
+    if mon.flag.off > mon.flag.on and mon.flag.policy != "quantile":
+        raise ConfigError("monitor.flag.off must be <= monitor.flag.on (hysteresis)")
+    if not 0 < mon.flag.quantile <= mon.flag.quantile_off < 1:
+        raise ConfigError("need 0 < monitor.flag.quantile <= monitor.flag.quantile_off < 1")
+    if min(mon.probe_every, mon.t_bins) < 1 or mon.magnitude_every < 0:
+        raise ConfigError("monitor.probe_every and monitor.t_bins must be >= 1, monitor.magnitude_every >= 0")
     if cfg.logging.every <= 0:
         raise ConfigError(f"logging.every must be > 0, got {cfg.logging.every}")
 

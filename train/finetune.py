@@ -27,6 +27,7 @@ from data.datasets import DataError, DataPosition, _seed_of, build_train_data, r
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
+from train.monitor.monitor import LEDGER_FILE, Monitor
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.tracking import Tracker
 
@@ -240,6 +241,14 @@ def run(cfg: DictConfig) -> Path:
     data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
                             cache_dir=cfg.model.cache_dir, position=position)
 
+    monitor = None
+    if cfg.monitor.enabled:
+        monitor = Monitor(cfg.monitor, accelerator.unwrap_model(unet), tokenizer, accelerator.unwrap_model(text_encoder),
+                          noise_scheduler, num_samples=data.num_samples, table=data.table,
+                          id_column=data_cfg.id_column, caption_column=data_cfg.caption_column)
+        if resume_from is not None:
+            monitor.load(resume_from)
+
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg, out, accelerator.is_main_process,
@@ -280,9 +289,15 @@ def run(cfg: DictConfig) -> Path:
             else:
                 target = noise
 
-            # 3. forward; 4. loss per sample
+            # 3. forward (the monitor's attn2 processors keep per-sample attention reductions)
+            if monitor is not None:
+                monitor.before_forward(captions)
             pred = unet(noisy, timesteps, text_emb, return_dict=False)[0]
+            # 4. loss per sample; 5. signals -> gathered -> ledger (same on every rank), flags
             loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
+            if monitor is not None:
+                monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, timesteps,
+                                      text_emb, state.step)
             weights = torch.ones_like(loss_vec)
 
             # Every rank sees every rank's losses: the finite check decides the same on all ranks.
@@ -349,6 +364,10 @@ def run(cfg: DictConfig) -> Path:
                 "perf/samples_per_s": samples_per_s,
                 "perf/step_time_s": elapsed / window["steps"],
             }
+            if monitor is not None:
+                metrics.update(monitor.metrics())
+                tracker.log_histograms(monitor.histograms(), state.step)
+                tracker.log_table("memo/top_flagged", monitor.top_flagged(cfg.monitor.table_size), state.step)
             tracker.log(metrics, state.step)
             progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", sps=f"{samples_per_s:.1f}")
             window = new_window()
@@ -363,10 +382,15 @@ def run(cfg: DictConfig) -> Path:
                 if divergence > 0:
                     log.warning("ranks hold different weights at step %d (divergence %.3g)", state.step, divergence)
             state.lr_scheduler = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-            path = save_checkpoint(accelerator, out, state, rng, ema, tcfg.checkpoints_total_limit)
+            path = save_checkpoint(accelerator, out, state, rng, ema, tcfg.checkpoints_total_limit,
+                                   extra_files={LEDGER_FILE: monitor.save} if monitor is not None else None)
             log.info("saved %s", path)
 
     progress.close()
+    if monitor is not None:
+        monitor.remove()  # the saved and validated model runs the stock attention processors
+        if accelerator.is_main_process:
+            monitor.write_parquet(out / "ledger.parquet")
     if cfg.validation.prompts and not (cfg.validation.every and state.step % cfg.validation.every == 0):
         validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
     save_final(accelerator, parts, unet, text_encoder, ema, zero_stage, tcfg.text_encoder, out)

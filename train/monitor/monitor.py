@@ -1,0 +1,230 @@
+"""The memorization monitor as the training loop calls it: before and after the UNet forward.
+
+    monitor.before_forward(captions)                  # end-token index, prompt lengths, capture on
+    pred = unet(noisy, t, text_emb)
+    monitor.after_forward(accelerator, batch, ...)    # signals -> gather -> normalize -> ledger
+
+Signals come from the training forward (attention over tokens, the loss, and the bright ending
+when ``be_mode=drawn`` and the drawn t is small) and from cheap no-grad extra passes: a probe at a
+fixed small t (``be_mode=probe``) and, every ``magnitude_every`` steps, the empty-prompt pass for
+the noise magnitude. Every rank gathers every rank's values and applies the same update, so the
+ledger is identical everywhere without a broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from train.monitor.capture import AttentionCapture
+from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
+from train.monitor.signals import (BE_SIGNALS, MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
+                                   magnitude_signals, stack, token_signals)
+from train.monitor.stats import BinnedStats
+from train.monitor.tokens import end_token_index, prompt_length
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.safetensors"
+
+
+class Monitor:
+    def __init__(self, cfg: DictConfig, unet, tokenizer, text_encoder, noise_scheduler, *, num_samples: Optional[int],
+                 table=None, id_column: str = "sample_id", caption_column: str = "text"):
+        self.cfg, self.unet, self.tokenizer, self.text_encoder = cfg, unet, tokenizer, text_encoder
+        self.scheduler = noise_scheduler
+        self.signals = tuple(cfg.signals)
+        self.orientation = torch.tensor([ORIENTATION[s] for s in self.signals])
+        needs_be = any(s in BE_SIGNALS or s == "be_magnitude" for s in self.signals)
+        self.capture = AttentionCapture(unet, layers=list(cfg.token_layers) if cfg.token_layers else "all",
+                                        be_layers=list(cfg.be_layers) if cfg.be_layers else ("default" if needs_be else None))
+        self.capture.install()
+        self.stats = BinnedStats(len(self.signals), noise_scheduler.config.num_train_timesteps, cfg.t_bins,
+                                 list(cfg.length_edges), cfg.stats_horizon, cfg.stats_warmup)
+        streaming = num_samples is None
+        weights = [float(cfg.signal_weights.get(s, 1.0)) for s in self.signals]
+        self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming)
+        self.table, self.id_column, self.caption_column = table, id_column, caption_column
+        self.labels = None
+        if table is not None and cfg.label_column and cfg.label_column in table.column_names:
+            self.labels = np.asarray(table[cfg.label_column], dtype=object)
+        self.window_sum = np.zeros(len(self.signals))
+        self.window_count = np.zeros(len(self.signals))
+        self._empty_emb: Optional[torch.Tensor] = None
+        self._lengths: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ per batch
+
+    def before_forward(self, captions: list[str]) -> None:
+        self.capture.reset()
+        self.capture.set_end_token_index(end_token_index(self.tokenizer, captions))
+        self._lengths = prompt_length(self.tokenizer, captions)
+        self.capture.enabled = True
+
+    @torch.no_grad()
+    def after_forward(self, accelerator, batch: dict, loss_vec: torch.Tensor, pred: torch.Tensor,
+                      latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                      text_emb: torch.Tensor, step: int) -> None:
+        cfg, device, B = self.cfg, loss_vec.device, loss_vec.shape[0]
+        values: dict[str, torch.Tensor] = {**loss_signal(loss_vec), **token_signals(self.capture.token_distribution())}
+        t_of = {name: timesteps for name in self.signals}
+        be_map = self.capture.be_map() if self.capture.be_layers else None
+        if be_map is not None and cfg.be_mode == "drawn":
+            drawn = be_signals(be_map, cfg.topk_frac)
+            low = timesteps < cfg.be_max_t  # the bright ending is a low-noise phenomenon
+            values.update({k: torch.where(low, v, torch.full_like(v, float("nan"))) for k, v in drawn.items()})
+        self.capture.enabled = False  # extra passes must not overwrite what was read
+
+        if be_map is not None and cfg.be_mode == "probe" and step % cfg.probe_every == 0:
+            m = min(cfg.probe_samples or B, B)
+            t_probe = torch.full((m,), cfg.probe_t, device=device, dtype=timesteps.dtype)
+            self.capture.reset()
+            with self.capture.recording(True):
+                self.unet(self.scheduler.add_noise(latents[:m], noise[:m], t_probe), t_probe, text_emb[:m])
+                probe_map = self.capture.be_map()
+            for name, v in be_signals(probe_map, cfg.topk_frac).items():
+                values[name] = _pad(v, B)
+                t_of[name] = torch.full_like(timesteps, cfg.probe_t)
+
+        if cfg.magnitude_every and step % cfg.magnitude_every == 0 and any(s in MAGNITUDE_SIGNALS for s in self.signals):
+            m = min(cfg.magnitude_samples or B, B)
+            eps_uncond = self.unet(noisy[:m], timesteps[:m], self._empty(m, text_emb)).sample
+            mags = magnitude_signals(pred[:m].detach(), eps_uncond, be_map[:m] if be_map is not None else None)
+            values.update({k: _pad(v, B) for k, v in mags.items()})
+
+        raw = stack(values, self.signals, B, device)
+        bins = torch.stack([self.stats.bin_of(t_of[s].cpu(), self._lengths) for s in self.signals], 1)
+        slots = self._slots(batch)
+        packed = torch.cat([raw.double(), bins.to(device).double(), slots.to(device).double()[:, None]], 1)
+        everyone = accelerator.gather(packed).cpu()
+        S = len(self.signals)
+        g_raw, g_bins, g_slots = everyone[:, :S], everyone[:, S:2 * S].long(), everyone[:, 2 * S].long()
+        z = self.stats.normalize(g_raw, g_bins) * self.orientation  # against the population before this batch
+        self.stats.update(g_raw, g_bins)
+        seen = ~torch.isnan(g_raw)
+        self.window_sum += torch.nan_to_num(g_raw).sum(0).numpy()
+        self.window_count += seen.sum(0).numpy()
+        slots_np = g_slots.numpy()
+        if self.ledger.streaming:  # hashes -> slots, in the same order on every rank
+            slots_np = self.ledger.slots_for(None, slots_np)
+        self.ledger.update(slots_np, z.numpy(), step)
+
+    def _slots(self, batch: dict) -> torch.Tensor:
+        if not self.ledger.streaming:
+            return batch["index"]
+        from data.datasets import _seed_of
+
+        # 52-bit hashes survive the float64 packing of the gather exactly
+        return torch.tensor([_seed_of("ledger", sid) >> 11 for sid in batch["sample_id"]], dtype=torch.long)
+
+    def _empty(self, m: int, text_emb: torch.Tensor) -> torch.Tensor:
+        if self._empty_emb is None or self.text_encoder.training:
+            ids = self.tokenizer([""], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(text_emb.device)
+            self._empty_emb = self.text_encoder(ids, return_dict=False)[0].to(text_emb.dtype)
+        return self._empty_emb.expand(m, -1, -1)
+
+    # ------------------------------------------------------------------ reporting
+
+    def metrics(self) -> dict[str, float]:
+        """``memo/`` scalars for the log line; resets the window of signal means."""
+        out = {f"memo/{k}": v for k, v in self.ledger.summary().items()}
+        on, off = self.ledger.thresholds()
+        out.update({"memo/threshold_on": float(on), "memo/threshold_off": float(off)})
+        for j, name in enumerate(self.signals):
+            if self.window_count[j]:
+                out[f"memo/{name}"] = float(self.window_sum[j] / self.window_count[j])
+        self.window_sum[:] = 0
+        self.window_count[:] = 0
+        out.update(self.detection())
+        return out
+
+    def detection(self) -> dict[str, float]:
+        """Running AUC and TPR@1%FPR per memorization kind, when the data carries ground truth."""
+        if self.labels is None:
+            return {}
+        out = {}
+        negative = self.labels == self.cfg.negative_label
+        for kind in sorted(set(self.labels.tolist()) - {self.cfg.negative_label}):
+            positive = self.labels == kind
+            for key, value in detection_metrics(self.ledger.score, positive, negative).items():
+                out[f"memo/{key}/{kind}"] = value
+            for j, name in enumerate(self.signals):
+                observed = self.ledger.sig_count[:, j] > 0
+                scores = np.where(observed, self.ledger.sig_mean[:, j].astype(np.float32), np.nan)
+                out[f"memo/auc/{kind}/{name}"] = detection_metrics(scores, positive, negative)["auc"]
+        return out
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        out = {}
+        for j, name in enumerate(self.signals):
+            observed = self.ledger.sig_count[:, j] > 0
+            out[f"memo/hist/{name}"] = self.ledger.sig_mean[observed, j].astype(np.float32)
+        out["memo/hist/score"] = self.ledger.score[~np.isnan(self.ledger.score)]
+        return out
+
+    def top_flagged(self, k: int) -> list[dict[str, Any]]:
+        """The k highest-scoring flagged samples, with image and caption where the data is a table."""
+        flagged = np.flatnonzero(self.ledger.flagged)
+        top = flagged[np.argsort(-self.ledger.score[flagged])][:k]
+        rows = []
+        for slot in top.tolist():
+            row = {"slot": slot, "score": float(self.ledger.score[slot]),
+                   "first_flagged_step": int(self.ledger.first_flagged_step[slot]),
+                   **{name: float(self.ledger.sig_mean[slot, j]) for j, name in enumerate(self.signals)}}
+            if self.table is not None and not self.ledger.streaming:
+                record = self.table[slot]
+                row["caption"] = record.get(self.caption_column)
+                row["sample_id"] = record.get(self.id_column, str(slot))
+                row["image"] = record.get("image")
+            rows.append(row)
+        return rows
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"ledger.{k}": v for k, v in self.ledger.state_tensors().items()},
+                **{f"stats.{k}": v for k, v in self.stats.state_dict().items()}}
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state_tensors(), str(path))
+
+    def load(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        file = checkpoint / LEDGER_FILE
+        if not file.is_file():
+            log.warning("checkpoint %s has no ledger (monitor was off): the ledger starts empty", checkpoint)
+            return
+        tensors = load_file(str(file))
+        self.ledger.load_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("ledger.")})
+        self.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
+
+    def write_parquet(self, path: Path) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.table is not None and not self.ledger.streaming:
+            cols = self.table.column_names
+            if self.id_column in cols:
+                kwargs["sample_ids"] = self.table[self.id_column]
+            if self.caption_column in cols:
+                kwargs["captions"] = self.table[self.caption_column]
+            if self.labels is not None:
+                kwargs["extra"] = {self.cfg.label_column: self.labels.tolist()}
+        self.ledger.write_parquet(path, **kwargs)
+
+    def remove(self) -> None:
+        self.capture.remove()
+
+
+def _pad(values: torch.Tensor, length: int) -> torch.Tensor:
+    """A subset's values in front, NaN (not observed) for the rest of the batch."""
+    out = torch.full((length,), float("nan"), device=values.device)
+    out[: len(values)] = values.float()
+    return out
