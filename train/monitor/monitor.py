@@ -104,7 +104,9 @@ class Monitor:
         everyone = accelerator.gather(packed).cpu()
         S = len(self.signals)
         g_raw, g_bins, g_slots = everyone[:, :S], everyone[:, S:2 * S].long(), everyone[:, 2 * S].long()
-        z = self.stats.normalize(g_raw, g_bins) * self.orientation  # against the population before this batch
+        # against the population before this batch; |z| > 20 carries no more information and would
+        # overflow the ledger's half-precision arrays
+        z = (self.stats.normalize(g_raw, g_bins) * self.orientation).clamp(-20, 20)
         self.stats.update(g_raw, g_bins)
         seen = ~torch.isnan(g_raw)
         self.window_sum += torch.nan_to_num(g_raw).sum(0).numpy()

@@ -23,7 +23,7 @@ class BinnedStats:
         self.count = torch.zeros(shape, dtype=torch.float64)
         self.mean = torch.zeros(shape, dtype=torch.float64)
         self.m2 = torch.zeros(shape, dtype=torch.float64)
-        self.horizon, self.warmup = horizon, warmup
+        self.horizon, self.warmup = horizon, max(2, warmup)  # one observation has no spread
 
     def bin_of(self, timesteps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         tb = (timesteps.double() * self.t_bins / self.num_train_timesteps).long().clamp(0, self.t_bins - 1)

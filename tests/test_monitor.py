@@ -1,0 +1,168 @@
+"""The monitor's parts: normalization, ledger and flag policies, detection metrics, the gather
+across ranks, and exact resume of the ledger."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import fast_overrides
+
+from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
+from train.monitor.signals import be_signals, magnitude_signals, token_signals
+from train.monitor.stats import BinnedStats
+
+
+def test_binned_stats_match_each_bins_own_mean_and_std():
+    stats = BinnedStats(1, 1000, t_bins=2, length_edges=[10], warmup=1)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (4000,), generator=gen)
+    lengths = torch.randint(0, 20, (4000,), generator=gen)
+    x = (t >= 500).double() * 5 + (lengths >= 10).double() * 50 + torch.randn(4000, generator=gen, dtype=torch.float64)
+    for chunk in range(0, 4000, 100):
+        stats.update(x[chunk:chunk + 100, None], stats.bin_of(t[chunk:chunk + 100], lengths[chunk:chunk + 100]))
+    z = stats.normalize(x[:, None], stats.bin_of(t, lengths)).double()[:, 0]
+    bins = stats.bin_of(t, lengths)
+    for b in bins.unique():
+        sel = bins == b
+        assert abs(float(z[sel].mean())) < 0.1 and abs(float(z[sel].std()) - 1) < 0.1
+
+
+def test_unwarmed_bins_give_nan():
+    stats = BinnedStats(1, 1000, t_bins=4, length_edges=[], warmup=5)
+    stats.update(torch.ones(3, 1), torch.zeros(3, dtype=torch.long))
+    assert torch.isnan(stats.normalize(torch.ones(1, 1), torch.zeros(1, dtype=torch.long))).all()
+
+
+def test_ledger_flags_outliers_with_hysteresis():
+    ledger = Ledger(100, ["a"], [1.0], FlagPolicy(policy="zscore", min_obs=2, on=3.0, off=1.0))
+    rng = np.random.default_rng(0)
+    slots = np.arange(100)
+    for step in range(4):
+        z = rng.normal(size=(100, 1)).astype(np.float32)
+        z[7] = 6.0  # one sample far above the population
+        ledger.update(slots, z, step)
+    assert ledger.flagged.nonzero()[0].tolist() == [7]
+    assert ledger.first_flagged_step[7] == 1 and (ledger.first_flagged_step[np.arange(100) != 7] == -1).all()
+
+
+def test_absolute_policy_hysteresis_keeps_a_flag_between_off_and_on():
+    ledger = Ledger(1, ["a"], [1.0], FlagPolicy(policy="absolute", min_obs=1, on=3.0, off=1.0))
+    ledger.update(np.array([0]), np.array([[2.0]], np.float32), 0)
+    assert not ledger.flagged[0]  # 2.0 < on
+    ledger.update(np.array([0]), np.array([[6.0]], np.float32), 1)  # mean 4.0
+    assert ledger.flagged[0] and ledger.first_flagged_step[0] == 1
+    ledger.update(np.array([0]), np.array([[-1.0]], np.float32), 2)  # mean 2.33: between off and on
+    assert ledger.flagged[0]
+    ledger.update(np.array([0]), np.array([[-6.0]], np.float32), 3)  # mean 0.25 < off
+    assert not ledger.flagged[0] and ledger.first_flagged_step[0] == 1
+
+
+def test_quantile_policy_flags_the_top_fraction():
+    ledger = Ledger(1000, ["a"], [1.0], FlagPolicy(policy="quantile", min_obs=1, quantile=0.05, quantile_off=0.1))
+    z = np.linspace(-3, 3, 1000, dtype=np.float32)[:, None]
+    ledger.update(np.arange(1000), z, 0)
+    ledger.update(np.arange(1000), z, 1)  # second pass: thresholds now see the whole population
+    assert 40 <= ledger.flagged.sum() <= 60 and ledger.flagged[-40:].all() and not ledger.flagged[:900].any()
+
+
+def test_nan_signals_do_not_count_as_observations_of_that_signal():
+    ledger = Ledger(2, ["a", "b"], [1.0, 1.0], FlagPolicy(min_obs=1))
+    ledger.update(np.array([0, 1]), np.array([[1.0, np.nan], [np.nan, np.nan]], np.float32), 0)
+    assert ledger.sig_count.tolist() == [[1, 0], [0, 0]]
+    assert ledger.score[0] == pytest.approx(1.0) and np.isnan(ledger.score[1])
+
+
+def test_detection_metrics_match_brute_force():
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(1, 1, 50), rng.normal(0, 1, 500)])
+    pos = np.arange(550) < 50
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in scores[pos] for n in scores[~pos]])
+    got = detection_metrics(scores, pos, ~pos)
+    assert got["auc"] == pytest.approx(brute)
+    assert got["tpr_at_1fpr"] == pytest.approx(np.mean(scores[pos] > np.quantile(scores[~pos], 0.99, method="higher")))
+
+
+def test_signal_formulas_on_hand_made_maps():
+    flat = torch.full((1, 4, 4), 1 / 16)
+    peaked = torch.zeros(1, 4, 4)
+    peaked[0, 0, 0] = 1.0
+    f, p = be_signals(flat, 0.125), be_signals(peaked, 0.125)
+    assert f["be_entropy"].item() == pytest.approx(1.0) and p["be_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert f["be_topk"].item() == pytest.approx(2 / 16) and p["be_topk"].item() == pytest.approx(1.0)
+    uniform = token_signals(torch.full((1, 77), 1 / 77))
+    assert uniform["token_entropy"].item() == pytest.approx(np.log(77), rel=1e-5)
+    eps_c, eps_u = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    half = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    mags = magnitude_signals(eps_c, eps_u, half)
+    assert mags["magnitude"].item() == pytest.approx(4.0)  # sqrt(16 ones)
+    assert mags["be_magnitude"].item() == pytest.approx(2.0 / 0.25)  # ||d*m|| = sqrt(4), mean(m) = 1/4
+
+
+def _ranks_keep_identical_ledgers():
+    """Each of two ranks feeds different samples; after the gather both ledgers are the same."""
+    import hashlib
+
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from omegaconf import OmegaConf
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train.config import MonitorConfig
+    from train.models import byte_level_tokenizer
+    from train.monitor.monitor import Monitor
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)  # same model on both ranks
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
+    tok = byte_level_tokenizer()
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=77))
+    cfg = OmegaConf.structured(MonitorConfig)
+    cfg.merge_with({"stats_warmup": 1, "probe_every": 1, "magnitude_every": 1, "flag": {"min_obs": 1}})
+    monitor = Monitor(cfg, unet, tok, enc, DDPMScheduler(), num_samples=20)
+    gen = torch.Generator().manual_seed(100 + accelerator.process_index)  # different data per rank
+    for step in range(3):
+        captions = [f"rank {accelerator.process_index} sample {i} step {step}" for i in range(4)]
+        ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        emb = enc(ids)[0]
+        latents, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+        t = torch.randint(0, 1000, (4,), generator=gen)
+        noisy = DDPMScheduler().add_noise(latents, noise, t)
+        monitor.before_forward(captions)
+        pred = unet(noisy, t, emb).sample
+        loss = ((pred - noise) ** 2).mean((1, 2, 3))
+        index = torch.arange(4) + 4 * accelerator.process_index + 8 * (step % 2)
+        monitor.after_forward(accelerator, {"index": index, "sample_id": [str(i) for i in index.tolist()]},
+                              loss, pred, latents, noise, noisy, t, emb, step)
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in monitor.state_tensors().values())).digest()
+    mine = torch.tensor(list(digest), dtype=torch.float64)[None]
+    everyone = accelerator.gather(mine)
+    assert torch.equal(everyone[0], everyone[1]), "ranks hold different ledgers"
+    assert monitor.ledger.obs.sum() == 3 * 8 and (monitor.ledger.obs[:16] > 0).all()  # both ranks' samples
+
+
+def test_ledger_is_identical_on_two_gloo_ranks():
+    from accelerate import debug_launcher
+
+    debug_launcher(_ranks_keep_identical_ledgers, num_processes=2)
+
+
+def test_resume_restores_the_ledger_exactly(tmp_path, cache_dir):
+    from train.finetune import main
+
+    common = {"train.lr_scheduler": "constant", "train.checkpoint_every": 5, "monitor.stats_warmup": 1,
+              "monitor.magnitude_every": 2, "monitor.probe_every": 3}
+    straight = main(fast_overrides(cache_dir, tmp_path / "a", **{**common, "train.max_steps": 10}))
+    main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 5}))
+    resumed = main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 10, "train.resume": "latest"}))
+    a, b = pq.read_table(straight / "ledger.parquet"), pq.read_table(resumed / "ledger.parquet")
+    assert a.column_names == b.column_names and "sample_id" in a.column_names and "be_mass_mean" in a.column_names
+    assert a.num_rows == 32 and min(a.column("observations").to_pylist()) >= 1
+    for name in a.column_names:
+        assert a.column(name).to_pylist() == b.column(name).to_pylist() or np.allclose(
+            np.asarray(a.column(name).to_pylist(), float), np.asarray(b.column(name).to_pylist(), float),
+            equal_nan=True, atol=1e-6), name
