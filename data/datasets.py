@@ -368,6 +368,7 @@ class TrainData:
     num_samples: Optional[int]  # None for streams
     batches_per_epoch: Optional[int]
     table: Any = None  # the `datasets` table (map-style), for eval hooks and the ledger
+    root: Optional[Path] = None  # folder that relative image paths in the table start from
 
 
 def resolve_source(cfg: DictConfig, cache_dir: str, seed: int) -> DictConfig:
@@ -411,4 +412,4 @@ def build_train_data(cfg: DictConfig, *, batch_size: int, seed: int, rank: int, 
         raise DataError(f"cannot resume at batch {position.batch} of an epoch that now has "
                         f"{sampler.batches_per_epoch} batches (did the data set or batch size change?)")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
-    return TrainData(loader, len(dataset), sampler.batches_per_epoch, table)
+    return TrainData(loader, len(dataset), sampler.batches_per_epoch, table, root)

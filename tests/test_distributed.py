@@ -34,6 +34,8 @@ def test_ddp_two_ranks_train_in_step_with_one_run_directory(tmp_path, cache_dir)
     assert losses[-1]["train/samples_seen"] == 4 * 4 * 2  # steps x batch x ranks
     sync = [r for r in rows if "dist/weights_divergence" in r]
     assert [r["dist/world_size"] for r in sync] == [2, 2] and all(r["dist/weights_divergence"] == 0.0 for r in sync)
+    # the monitor's gather really crossed ranks: the ledger saw both ranks' samples (32 = the whole set)
+    assert losses[-1]["memo/observed"] == 32
     assert (run / "final" / "model_index.json").is_file()
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"]
 
@@ -53,6 +55,7 @@ def test_deepspeed_zero2_two_ranks_train_save_and_resume(tmp_path, cache_dir):
     assert (state["step"], state["samples_seen"], state["world_size"]) == (4, 32, 2)
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3, 4]
     assert all(r["dist/weights_divergence"] == 0.0 for r in read_metrics(run) if "dist/weights_divergence" in r)
+    assert [r["memo/observed"] for r in read_metrics(run) if "memo/observed" in r][-1] == 32
 
 
 def _diverge(perturb: bool):

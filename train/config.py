@@ -199,6 +199,50 @@ class MonitorConfig:
 
 
 @dataclass
+class CaptionMitigationConfig:
+    """Caption perturbations (Somepalli et al. 2023); the papers' values are in configs/mitigation/."""
+
+    target: str = "all"  # all | flagged
+    start_step: int = 0
+    multiple_captions: bool = False  # MC
+    replace_p: float = 0.0  # RC (paper: 0.1)
+    replace_tokens: int = 4
+    add_token_p: float = 0.0  # RT (paper: 0.1)
+    add_tokens: int = 2
+    repeat_word_p: float = 0.0  # CWR (paper: 0.1)
+    repeat_words: int = 2
+    drop_word_p: float = 0.0
+    shuffle_p: float = 0.0
+    embedding_noise: float = 0.0  # GN: lambda of N(0, I) on the text embedding (paper: 0.1)
+
+
+@dataclass
+class WeightMitigationConfig:
+    mode: str = "none"  # none | downweight | drop | score (see train/mitigate/weights.py)
+    factor: float = 0.1
+    score_on: float = 1.0
+    start_step: int = 0
+    dedup: bool = False  # weight 1 / (perceptual-hash group size); needs no monitor
+
+
+@dataclass
+class RegularizeMitigationConfig:
+    target: str = "all"  # all | flagged
+    start_step: int = 0
+    be_mass: float = 0.0  # weights of each penalty (train/mitigate/regularize.py); 0 = off
+    entropy: float = 0.0
+    start_token: float = 0.0
+    max_t: int = 200  # be_mass applies to samples drawn below this t
+
+
+@dataclass
+class MitigationConfig:
+    captions: CaptionMitigationConfig = field(default_factory=CaptionMitigationConfig)
+    weights: WeightMitigationConfig = field(default_factory=WeightMitigationConfig)
+    regularize: RegularizeMitigationConfig = field(default_factory=RegularizeMitigationConfig)
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -208,6 +252,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    mitigate: MitigationConfig = field(default_factory=MitigationConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +390,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("need 0 < monitor.flag.quantile <= monitor.flag.quantile_off < 1")
     if min(mon.probe_every, mon.t_bins) < 1 or mon.magnitude_every < 0:
         raise ConfigError("monitor.probe_every and monitor.t_bins must be >= 1, monitor.magnitude_every >= 0")
+    mit = cfg.mitigate
+    for key in ("captions", "regularize"):
+        if mit[key].target not in ("all", "flagged"):
+            raise ConfigError(f"mitigate.{key}.target must be all or flagged, got {mit[key].target!r}")
+    if mit.weights.mode not in ("none", "downweight", "drop", "score"):
+        raise ConfigError(f"mitigate.weights.mode must be none, downweight, drop or score, got {mit.weights.mode!r}")
+    c = mit.captions
+    for key in ("replace_p", "add_token_p", "repeat_word_p", "drop_word_p", "shuffle_p"):
+        if not 0.0 <= c[key] <= 1.0:
+            raise ConfigError(f"mitigate.captions.{key} must be a probability, got {c[key]}")
+    uses_flags = (c.target == "flagged" or mit.weights.mode != "none" or
+                  (mit.regularize.target == "flagged" and any(mit.regularize[t] > 0 for t in ("be_mass", "entropy", "start_token"))))
+    regularizes = any(mit.regularize[t] > 0 for t in ("be_mass", "entropy", "start_token"))
+    if (uses_flags or regularizes) and not mon.enabled:
+        raise ConfigError("flag-targeted mitigations and attention regularizers need the monitor: set monitor.enabled=true")
+    if mit.weights.dedup and d.source == "webdataset":
+        raise ConfigError("mitigate.weights.dedup needs the whole data set up front; it is not available for webdataset streams")
     if cfg.logging.every <= 0:
         raise ConfigError(f"logging.every must be > 0, got {cfg.logging.every}")
 

@@ -27,6 +27,9 @@ from data.datasets import DataError, DataPosition, _seed_of, build_train_data, r
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
+from train.mitigate.captions import CaptionPerturber
+from train.mitigate.regularize import active_terms, attention_penalties
+from train.mitigate.weights import dedup_weights, flag_weights
 from train.monitor.monitor import LEDGER_FILE, Monitor
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.tracking import Tracker
@@ -43,12 +46,14 @@ def build_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without an explicit gloo backend, DeepSpeed on CPU leaves every rank thinking it is
-        # rank 0 of 1 (accelerate bug); harmless for the other launchers.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # On a machine without CUDA, `accelerate launch --multi_gpu` starts the ranks but a plain
+    # Accelerator() then sees rank 0 of 1 on each (it only forms a gloo group with cpu=True), and
+    # DeepSpeed needs the gloo backend named explicitly (with cpu=True it falls back to DDP).
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_ranks and deepspeed else []
     return Accelerator(
+        cpu=cpu_ranks and not deepspeed,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
@@ -152,7 +157,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.T
 
 def new_window() -> dict:
     """Sums over the steps since the last log line."""
-    return {"loss_sum": 0.0, "samples": 0, "bad": [], "skipped": 0, "t0": time.perf_counter(), "steps": 0}
+    return {"loss_sum": 0.0, "samples": 0, "bad": [], "skipped": 0, "t0": time.perf_counter(), "steps": 0,
+            "weight_sum": 0.0, "perturbed": 0}
 
 
 def gather_strings(accelerator, items: list[str]) -> list[str]:
@@ -249,6 +255,15 @@ def run(cfg: DictConfig) -> Path:
         if resume_from is not None:
             monitor.load(resume_from)
 
+    # Mitigations: caption perturbation, per-sample loss weights, attention regularizers.
+    mcfg = cfg.mitigate
+    perturb = CaptionPerturber(mcfg.captions, tokenizer, cfg.seed)
+    penalties_on = active_terms(mcfg.regularize)
+    if penalties_on:
+        monitor.capture.with_grad = True  # the penalties backpropagate through the attention
+    dedup = (torch.from_numpy(dedup_weights(data.table, data_cfg.image_column, cfg.model.cache_dir, data.root))
+             if mcfg.weights.dedup else None)
+
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg, out, accelerator.is_main_process,
@@ -281,9 +296,13 @@ def run(cfg: DictConfig) -> Path:
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
                                       generator=rng, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            flagged, scores = monitor.flags(batch) if monitor is not None else (torch.zeros(bsz, dtype=torch.bool), None)
             captions = captions_for_batch(batch, cfg.seed, tcfg.caption_dropout)
+            perturbed = perturb.applies(state.step, flagged)
+            captions = perturb(captions, batch["captions"], batch["sample_id"], state.micro_step, perturbed)
             with nullcontext() if tcfg.text_encoder else torch.no_grad():
                 text_emb = encode_text(tokenizer, text_encoder, captions, device)
+            text_emb = perturb.embedding_noise(text_emb, batch["sample_id"], state.micro_step, perturbed)
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -295,10 +314,20 @@ def run(cfg: DictConfig) -> Path:
             pred = unet(noisy, timesteps, text_emb, return_dict=False)[0]
             # 4. loss per sample; 5. signals -> gathered -> ledger (same on every rank), flags
             loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
+            penalties = attention_penalties(mcfg.regularize, monitor.capture, timesteps) if penalties_on else {}
             if monitor is not None:
                 monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, timesteps,
                                       text_emb, state.step)
-            weights = torch.ones_like(loss_vec)
+
+            # 6. mitigation: a weight per sample (0 = drop) and attention penalties
+            weights = flag_weights(mcfg.weights, flagged, scores, state.step)
+            if dedup is not None:
+                weights = weights * dedup[batch["index"]]
+            weights = weights.to(device)
+            reg_mask = ((flagged if mcfg.regularize.target == "flagged" else torch.ones_like(flagged))
+                        & torch.tensor(state.step >= mcfg.regularize.start_step)).to(device, loss_vec.dtype)
+            reg_loss = sum((mcfg.regularize[name] * (term * reg_mask).mean() for name, term in penalties.items()),
+                           torch.zeros((), device=device))
 
             # Every rank sees every rank's losses: the finite check decides the same on all ranks.
             all_losses = accelerator.gather(loss_vec.detach())
@@ -314,7 +343,7 @@ def run(cfg: DictConfig) -> Path:
 
             # 6-7. reduce, backward, clip, step. A zero weight keeps the sample in the graph, so
             # every rank runs the same backward whatever it drops.
-            loss = (torch.where(weights > 0, loss_vec, torch.zeros_like(loss_vec)) * weights).mean()
+            loss = (torch.where(weights > 0, loss_vec, torch.zeros_like(loss_vec)) * weights).mean() + reg_loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
@@ -336,6 +365,10 @@ def run(cfg: DictConfig) -> Path:
         else:
             state.data = DataPosition(0, 0, state.micro_step)
         window["loss_sum"] += float(all_losses[finite].sum())
+        window["weight_sum"] += float(weights.sum())
+        window["perturbed"] += int(perturbed.sum())
+        for name, term in penalties.items():
+            window[f"mitig/{name}"] = window.get(f"mitig/{name}", 0.0) + float(term.detach().mean())
         window["samples"] += int(finite.sum())
         window["bad"] += batch["bad"]
         if not accelerator.sync_gradients:
@@ -364,6 +397,10 @@ def run(cfg: DictConfig) -> Path:
                 "perf/samples_per_s": samples_per_s,
                 "perf/step_time_s": elapsed / window["steps"],
             }
+            micro = window["steps"] * tcfg.gradient_accumulation_steps
+            metrics.update({"mitig/mean_weight": window["weight_sum"] / max(micro * bsz, 1),
+                            "mitig/perturbed_captions": window["perturbed"]})
+            metrics.update({k: v / max(micro, 1) for k, v in window.items() if k.startswith("mitig/")})
             if monitor is not None:
                 metrics.update(monitor.metrics())
                 tracker.log_histograms(monitor.histograms(), state.step)

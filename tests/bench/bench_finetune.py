@@ -35,8 +35,8 @@ from train.finetune import encode_text, run  # noqa: E402
 from train.models import freeze, load_components  # noqa: E402
 
 
-def config(out: Path, cache: Path, steps: int, batch: int, every: int):
-    return load_config(overrides=[
+def config(out: Path, cache: Path, steps: int, batch: int, every: int, extra: tuple[str, ...] = ()):
+    return load_config(overrides=[*extra,
         f"output_dir={out}", f"model.cache_dir={cache}", f"train.max_steps={steps}", f"train.batch_size={batch}",
         f"train.checkpoint_every={10 * steps}", f"logging.every={every}", "logging.progress_bar=false",
         "validation.prompts=[]", "train.lr_scheduler=constant", "train.lr_warmup_steps=0",

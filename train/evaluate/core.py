@@ -22,20 +22,12 @@ from PIL import Image
 from data.testbed.measures import default_extractor, kernel_distance
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
-from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, to_uint8
+from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists, to_uint8
 from train.evaluate.trainset import Probe, TrainingSet
 
 log = logging.getLogger(__name__)
 
 KID_REFERENCE_IMAGES = 200
-
-
-def _gather(accelerator, items: list) -> list:
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-
-    return gather_object(list(items))
 
 
 def _rank_world(accelerator) -> tuple[int, int]:
@@ -155,12 +147,12 @@ def _record(job: int, probe: Probe, seed: int, gen: Generation, i: int, cfg) -> 
 
 def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: int, judge: Judge | None = None,
                     accelerator=None, autocast_dtype=None, progress: bool = False, num_panels: int | None = None,
-                    panel_order=None) -> EvalResult:
+                    annotate=None) -> EvalResult:
     """Generate every (probe, seed) job of ``cfg.seeds`` with capture and judge it.
 
     ``judge=None`` is detect-only: magnitudes and BE signals, no training images. Panels are made
-    for the ``num_panels`` (default ``cfg.num_panels``) worst jobs by ``panel_order(records)``
-    (default :func:`worst_first`).
+    for the ``num_panels`` (default ``cfg.num_panels``) worst jobs (:func:`worst_first`). ``annotate(gen, probes) -> list[dict]`` adds fields to each
+    record while the batch's images are at hand (e.g. ground-truth distances).
     """
     from tqdm.auto import tqdm
 
@@ -178,6 +170,8 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
                                     width=width, be_layers=list(cfg.be_layers) if cfg.be_layers else "default",
                                     autocast_dtype=autocast_dtype)
         verdicts = judge.judge(gen, batch_probes) if judge is not None else [{} for _ in batch]
+        if annotate is not None:
+            verdicts = [{**v, **extra} for v, extra in zip(verdicts, annotate(gen, batch_probes))]
         features = extractor(gen.images) if judge is not None and cfg.quality else [None] * len(batch)
         for i, job in enumerate(batch):
             records.append({**_record(job, batch_probes[i], jobs[job][1], gen, i, cfg), **verdicts[i]})
@@ -186,16 +180,16 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
         bar.update(len(batch) * world)
     bar.close()
 
-    records = sorted(_gather(accelerator, records), key=lambda r: r["job"])
+    records = sorted(gather_lists(accelerator, records), key=lambda r: r["job"])
     result = EvalResult(records)
     if judge is not None and cfg.quality:
-        rows = sorted(_gather(accelerator, kid_rows), key=lambda r: r[0])
+        rows = sorted(gather_lists(accelerator, kid_rows), key=lambda r: r[0])
         result.kid = _kid([f for _, f in rows], judge)
 
     count = cfg.num_panels if num_panels is None else num_panels
-    chosen = (panel_order or worst_first)(records)[:count]
+    chosen = worst_first(records)[:count]
     mine_panels = [(job, panel_png(*kept[job], judge, records[job])) for job in chosen if job in kept]
-    result.panels = dict(_gather(accelerator, mine_panels))
+    result.panels = dict(gather_lists(accelerator, mine_panels))
     return result
 
 
@@ -244,6 +238,19 @@ def panel_png(image_u8: np.ndarray, be_map: np.ndarray, judge: Judge | None, rec
 # --------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON (NaN and infinities become null, numpy scalars Python numbers), recursively."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _mean(values: list[float]) -> float:

@@ -3,9 +3,9 @@
 Wiring (in ``train/finetune.py``, step 8 of the loop)::
 
     if cfg.eval.every and state.step % cfg.eval.every == 0:
-        probes = select_probes(cfg.eval, eval_trainset(...), flagged_ids=ledger_top_ids)  # or strings
         metrics = run_eval_hook(cfg.eval, accelerator, parts, unet, text_encoder, data.table, state.step,
-                                out, tracker, probes, data_cfg=data_cfg, ema=ema, dtype=dtype)
+                                out, tracker, None, data_cfg=data_cfg, ema=ema, dtype=dtype,
+                                flagged_ids=ledger.top_ids(...))  # or pass probe_prompts yourself
 
 Every rank must call it (it is collective). It writes ``<out>/eval/step-<N>/eval.json`` and the
 worst cases' panels (generation | nearest training image | BE heatmap), logs the ``eval/`` metrics
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from train.evaluate.core import EvalResult, Judge, evaluate_probes, summarize
+from train.evaluate.core import EvalResult, Judge, evaluate_probes, jsonable, summarize
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
 
@@ -63,8 +63,9 @@ class EvalHook:
 
     @torch.no_grad()
     def __call__(self, accelerator, parts, unet, text_encoder, step: int, tracker,
-                 probes: Sequence[Probe | str] | None = None, ema=None, dtype: torch.dtype | None = None) -> dict:
-        probes = [p if isinstance(p, Probe) else Probe(str(p)) for p in (probes or self.probes())]
+                 probes: Sequence[Probe | str] | None = None, ema=None, dtype: torch.dtype | None = None,
+                 flagged_ids: Sequence[str] = ()) -> dict:
+        probes = [p if isinstance(p, Probe) else Probe(str(p)) for p in (probes or self.probes(flagged_ids))]
         if not probes:
             raise ValueError("eval hook: no probe prompts (no training captions and no eval.heldout_prompts)")
         if self.judge is None and self.trainset is not None:
@@ -91,8 +92,8 @@ class EvalHook:
             path.write_bytes(png)
             verdict = "REPLICA" if record.get("replica") else "local replica" if record.get("local_replica") else "-"
             panels.append((path, f"[{record['kind']}] {record['prompt']} (seed {record['seed']}): {verdict}"))
-        (folder / "eval.json").write_text(json.dumps({"step": step, "metrics": metrics, "records": result.records},
-                                                     indent=1, allow_nan=True))
+        (folder / "eval.json").write_text(json.dumps(jsonable({"step": step, "metrics": metrics,
+                                                               "records": result.records}), indent=1))
         if tracker is not None:
             tracker.log(metrics, step)
             tracker.log_images("eval/panels", panels, step)
@@ -103,11 +104,12 @@ _HOOKS: dict[tuple, EvalHook] = {}
 
 def run_eval_hook(cfg_eval, accelerator, pipeline_parts, unet, text_encoder, train_table, step: int,
                   out_dir: str | Path, tracker, probe_prompts: Sequence[Probe | str] | None = None, *,
-                  data_cfg, ema=None, dtype: torch.dtype | None = None) -> dict:
+                  data_cfg, ema=None, dtype: torch.dtype | None = None, flagged_ids: Sequence[str] = ()) -> dict:
     """Run one evaluation (collective: call on every rank) and return its ``eval/`` metrics.
 
     ``probe_prompts``: :class:`Probe` objects (see :func:`select_probes`) or plain strings;
-    None draws ``cfg_eval.num_prompts`` probes from the training captions. ``data_cfg`` is the
+    None draws ``cfg_eval.num_prompts`` probes: the ``flagged_ids`` first (sample ids, most
+    suspicious first, e.g. the ledger's top scores), then held-out prompts, then random captions. ``data_cfg`` is the
     resolved data config (image column, folder) of ``train_table``. The hook's state (distinct
     training images, backend, features) is kept between calls of the same run.
     """
@@ -115,4 +117,5 @@ def run_eval_hook(cfg_eval, accelerator, pipeline_parts, unet, text_encoder, tra
     hook = _HOOKS.get(key)
     if hook is None:
         hook = _HOOKS[key] = EvalHook(cfg_eval, data_cfg, train_table, out_dir)
-    return hook(accelerator, pipeline_parts, unet, text_encoder, step, tracker, probe_prompts, ema=ema, dtype=dtype)
+    return hook(accelerator, pipeline_parts, unet, text_encoder, step, tracker, probe_prompts, ema=ema, dtype=dtype,
+                flagged_ids=flagged_ids)

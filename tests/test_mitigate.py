@@ -1,0 +1,209 @@
+"""Each mitigation does what it says and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import fast_overrides, make_imagefolder, read_metrics
+from omegaconf import OmegaConf
+
+from train.config import CaptionMitigationConfig, WeightMitigationConfig
+from train.mitigate.captions import CaptionPerturber
+from train.mitigate.weights import dedup_weights, flag_weights
+from train.models import byte_level_tokenizer
+
+CAPTION = "a small red circle on a blue background"
+
+
+def perturber(**kw) -> CaptionPerturber:
+    cfg = OmegaConf.structured(CaptionMitigationConfig)
+    cfg.merge_with(kw)
+    return CaptionPerturber(cfg, byte_level_tokenizer(), seed=0)
+
+
+def run(p: CaptionPerturber, n: int, step: int = 0, alternates=None) -> list[str]:
+    ids = [f"s{i}" for i in range(n)]
+    return p([CAPTION] * n, [alternates or [CAPTION]] * n, ids, step, torch.ones(n, dtype=torch.bool))
+
+
+def test_random_caption_replacement_rate_and_form():
+    p = perturber(replace_p=0.1)
+    out = run(p, 4000)
+    replaced = [c for c in out if c != CAPTION]
+    assert 0.085 < len(replaced) / 4000 < 0.115
+    assert all(len(c.split()) == 4 and all(w in p.vocabulary for w in c.split()) for c in replaced)
+
+
+def is_subsequence(short: list[str], long: list[str]) -> bool:
+    it = iter(long)
+    return all(w in it for w in short)
+
+
+def test_random_token_addition_inserts_exactly_n_vocabulary_words():
+    p = perturber(add_token_p=1.0, add_tokens=2)
+    words = CAPTION.split()
+    for c in run(p, 200):
+        got = c.split()
+        assert len(got) == len(words) + 2 and is_subsequence(words, got)
+        extra = list(got)
+        for w in words:
+            extra.remove(w)
+        assert all(w in p.vocabulary for w in extra)
+
+
+def test_caption_word_repetition_repeats_the_captions_own_words():
+    p = perturber(repeat_word_p=1.0, repeat_words=2)
+    words = CAPTION.split()
+    outs = run(p, 200)
+    for c in outs:
+        got = c.split()
+        assert len(got) == len(words) + 2 and set(got) == set(words) and is_subsequence(words, got)
+    assert len(set(outs)) > 20  # positions and words vary per sample
+
+
+def test_multiple_captions_draws_uniformly_and_dropout_never_empties():
+    alts = [CAPTION, "an icon of a red circle", "red circle, flat art"]
+    counts = {a: 0 for a in alts}
+    for c in run(perturber(multiple_captions=True), 3000, alternates=alts):
+        counts[c] += 1
+    assert all(900 < n < 1100 for n in counts.values())
+    assert all(c.strip() for c in run(perturber(drop_word_p=0.99), 500))
+
+
+def test_perturbation_is_a_function_of_seed_step_and_sample():
+    p = perturber(replace_p=0.5, add_token_p=0.5, shuffle_p=0.5)
+    assert run(p, 50, step=3) == run(p, 50, step=3)
+    assert run(p, 50, step=3) != run(p, 50, step=4)
+    untouched = p([CAPTION] * 4, [[CAPTION]] * 4, list("abcd"), 0, torch.tensor([True, False, True, False]))
+    assert untouched[1] == untouched[3] == CAPTION
+
+
+def test_flagged_target_and_start_step():
+    p = perturber(target="flagged", start_step=10, replace_p=1.0)
+    flags = torch.tensor([True, False])
+    assert p.applies(5, flags).tolist() == [False, False]
+    assert p.applies(10, flags).tolist() == [True, False]
+    assert perturber(replace_p=1.0).applies(0, flags).tolist() == [True, True]
+
+
+def test_embedding_noise_has_the_configured_scale_on_masked_samples_only():
+    p = perturber(embedding_noise=0.1)
+    emb = torch.randn(4, 77, 64)
+    mask = torch.tensor([True, True, False, True])
+    out = p.embedding_noise(emb, ["a", "b", "c", "d"], 7, mask)
+    diff = out - emb
+    assert torch.equal(diff[2], torch.zeros_like(diff[2]))
+    assert diff[mask].std().item() == pytest.approx(0.1, rel=0.05) and abs(diff[mask].mean().item()) < 0.005
+    assert torch.equal(out, p.embedding_noise(emb, ["a", "b", "c", "d"], 7, mask))
+
+
+def test_flag_weights_modes():
+    cfg = OmegaConf.structured(WeightMitigationConfig)
+    flags, scores = torch.tensor([True, False, True]), torch.tensor([3.0, 0.0, float("nan")])
+    cfg.mode = "drop"
+    assert flag_weights(cfg, flags, scores, 0).tolist() == [0.0, 1.0, 0.0]
+    cfg.mode, cfg.factor = "downweight", 0.25
+    assert flag_weights(cfg, flags, scores, 0).tolist() == [0.25, 1.0, 0.25]
+    cfg.mode, cfg.score_on = "score", 1.0
+    assert flag_weights(cfg, flags, scores, 0).tolist() == [pytest.approx(1 / 3), 1.0, 1.0]
+    cfg.start_step = 5
+    assert flag_weights(cfg, flags, scores, 4).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_dedup_weights_group_copies_also_resized(tmp_path):
+    from PIL import Image
+
+    folder = make_imagefolder(tmp_path / "d", n=4)
+    original = Image.open(folder / "img" / "0.png")
+    original.save(folder / "img" / "1.png")  # exact copy
+    original.resize((64, 64)).save(folder / "img" / "2.png")  # resized copy
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "img" / "3.png")  # unrelated
+    import datasets
+
+    table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
+        "image", datasets.Image(decode=False))
+    weights = dedup_weights(table, "image", tmp_path / "cache")
+    by_id = dict(zip(table["sample_id"], weights.tolist()))
+    assert by_id == {"id-0": pytest.approx(1 / 3), "id-1": pytest.approx(1 / 3), "id-2": pytest.approx(1 / 3), "id-3": 1.0}
+
+
+def test_zero_weight_samples_contribute_exactly_zero_gradient():
+    from diffusers import UNet2DConditionModel
+
+    from train.finetune import per_sample_loss
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    x, t, c, target = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 77, 32), torch.randn(3, 4, 8, 8)
+
+    def grads(weights, rows):
+        unet.zero_grad()
+        loss = per_sample_loss(unet(x[rows], t[rows], c[rows]).sample, target[rows], t[rows], None, None)
+        (loss * weights).sum().div(3).backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    dropped = grads(torch.tensor([1.0, 0.0, 1.0]), [0, 1, 2])
+    without = grads(torch.tensor([1.0, 1.0]), [0, 2])
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(dropped, without))
+
+
+def _one_rank_drops_everything():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x = torch.ones(4, 3) * (accelerator.process_index + 1)
+    weights = torch.zeros(4) if accelerator.process_index == 1 else torch.ones(4)  # rank 1 drops all
+    loss = (model(x).squeeze(1) ** 2 * weights).mean()
+    accelerator.backward(loss)  # would hang if rank 1 skipped its backward
+    grad = model.module.weight.grad.clone() if hasattr(model, "module") else model.weight.grad.clone()
+    everyone = accelerator.gather(grad)
+    assert torch.equal(everyone[0], everyone[1])
+    optimizer.step()
+    assert accelerator.num_processes == 2
+
+
+def test_a_rank_that_drops_every_sample_does_not_hang_ddp():
+    from accelerate import debug_launcher
+
+    debug_launcher(_one_rank_drops_everything, num_processes=2)
+
+
+def test_regularizer_gradient_reaches_attention_weights():
+    from diffusers import UNet2DConditionModel
+
+    from train.config import RegularizeMitigationConfig
+    from train.mitigate.regularize import attention_penalties
+    from train.monitor import AttentionCapture
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    capture = AttentionCapture(unet, with_grad=True).install()
+    capture.set_end_token_index(torch.tensor([5, 9]))
+    unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 20]), torch.randn(2, 77, 32))
+    cfg = OmegaConf.structured(RegularizeMitigationConfig)
+    cfg.merge_with({"be_mass": 1.0, "entropy": 1.0, "start_token": 1.0})
+    terms = attention_penalties(cfg, capture, torch.tensor([10, 20]))
+    assert set(terms) == {"be_mass", "entropy", "start_token"}
+    terms["be_mass"].sum().backward()
+    to_k = dict(unet.named_parameters())["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    assert to_k.grad is not None and to_k.grad.abs().sum() > 0
+
+
+def test_be_mass_regularizer_term_falls_while_training(tmp_path, cache_dir):
+    from train.finetune import main
+
+    run = main(fast_overrides(cache_dir, tmp_path / "reg", **{
+        "train.max_steps": 12, "train.lr": 3e-3, "train.lr_scheduler": "constant", "train.checkpoint_every": 100,
+        "mitigate.regularize.be_mass": 100.0, "mitigate.regularize.max_t": 1000}))
+    terms = [r["mitig/be_mass"] for r in read_metrics(run) if "mitig/be_mass" in r]
+    assert len(terms) == 12 and np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])

@@ -1,0 +1,101 @@
+"""Caption perturbations (Somepalli et al. 2023), drawn per (seed, micro-step, sample_id).
+
+Seeding by sample and micro-step, never by a shared RNG, means a resumed run perturbs exactly as
+the uninterrupted one, and ranks never have to agree on an RNG state.
+
+- multiple captions (MC): one of the sample's alternates, uniformly
+- random caption replacement (RC): with p, the caption becomes ``replace_tokens`` random words
+- random token addition (RT): with p, ``add_tokens`` random words inserted at random positions
+- caption word repetition (CWR): with p, ``repeat_words`` of the caption's own words re-inserted
+- word dropout / shuffle: each word dropped with p; the word order shuffled with p
+- Gaussian noise (GN): ``embedding_noise * N(0, I)`` added to the text embedding
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from data.datasets import _seed_of
+
+_WORD = re.compile(r"^[a-z]{3,12}$")
+
+
+def random_vocabulary(tokenizer, size: int = 5000) -> list[str]:
+    """Whole words from the tokenizer's vocabulary (what "random tokens" means for a caption);
+    a byte-level vocabulary has no words, so random letter strings stand in."""
+    words = sorted({t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and _WORD.match(t[:-4])})
+    if len(words) >= 100:
+        return words[:size] if len(words) <= size else random.Random(0).sample(words, size)
+    rng = random.Random(0)
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(size)]
+
+
+class CaptionPerturber:
+    def __init__(self, cfg: DictConfig, tokenizer, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.vocabulary = random_vocabulary(tokenizer)
+
+    @property
+    def changes_text(self) -> bool:
+        c = self.cfg
+        return bool(c.multiple_captions or c.replace_p or c.add_token_p or c.repeat_word_p or c.drop_word_p
+                    or c.shuffle_p)
+
+    def applies(self, step: int, flagged: torch.Tensor) -> torch.Tensor:
+        """Which samples this step perturbs: all, or the flagged ones, once start_step is reached."""
+        if step < self.cfg.start_step:
+            return torch.zeros_like(flagged)
+        return flagged if self.cfg.target == "flagged" else torch.ones_like(flagged)
+
+    def perturb_one(self, caption: str, alternates: Sequence[str], rng: random.Random) -> str:
+        c = self.cfg
+        if c.multiple_captions and len(alternates) > 1:
+            caption = rng.choice(list(alternates))
+        if c.replace_p and rng.random() < c.replace_p:
+            return " ".join(rng.choice(self.vocabulary) for _ in range(c.replace_tokens))
+        words = caption.split()
+        if c.add_token_p and rng.random() < c.add_token_p:
+            for _ in range(c.add_tokens):
+                words.insert(rng.randint(0, len(words)), rng.choice(self.vocabulary))
+        if c.repeat_word_p and words and rng.random() < c.repeat_word_p:
+            chosen = [rng.choice(words) for _ in range(c.repeat_words)]
+            for word in chosen:
+                words.insert(rng.randint(0, len(words)), word)
+        if c.drop_word_p:
+            kept = [w for w in words if rng.random() >= c.drop_word_p]
+            words = kept or words[:1]  # never an empty caption: that is the CFG null prompt
+        if c.shuffle_p and rng.random() < c.shuffle_p:
+            rng.shuffle(words)
+        return " ".join(words)
+
+    def __call__(self, captions: list[str], alternates: list[Sequence[str]], sample_ids: list[str],
+                 step: int, mask: torch.Tensor) -> list[str]:
+        if not self.changes_text:
+            return captions
+        out = []
+        for caption, alts, sid, on in zip(captions, alternates, sample_ids, mask.tolist()):
+            # an empty caption was dropped for classifier-free guidance on purpose: leave it
+            if on and caption:
+                caption = self.perturb_one(caption, alts, random.Random(_seed_of(self.seed, "caption", step, sid)))
+            out.append(caption)
+        return out
+
+    def embedding_noise(self, text_emb: torch.Tensor, sample_ids: list[str], step: int,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """GN: per-sample Gaussian noise of scale ``embedding_noise`` on the masked samples."""
+        scale = self.cfg.embedding_noise
+        if not scale or not bool(mask.any()):
+            return text_emb
+        noise = torch.stack([
+            torch.randn(text_emb.shape[1:], generator=torch.Generator().manual_seed(_seed_of(self.seed, "gn", step, sid)))
+            for sid in sample_ids]).to(text_emb.device, text_emb.dtype)
+        return text_emb + scale * noise * mask.to(text_emb.device, text_emb.dtype)[:, None, None]
+
+
+def flagged_or_none(flags: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
+    return flags if flags is not None else torch.zeros(batch_size, dtype=torch.bool)
