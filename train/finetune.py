@@ -27,6 +27,7 @@ from data.datasets import DataError, DataPosition, _seed_of, build_train_data, r
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
+from train.evaluate.hook import run_eval_hook
 from train.mitigate.captions import CaptionPerturber
 from train.mitigate.regularize import active_terms, attention_penalties
 from train.mitigate.weights import dedup_weights, flag_weights
@@ -87,6 +88,9 @@ def check_engine(cfg: DictConfig, accelerator) -> int:
     if stage == 3 and cfg.train.use_ema:
         raise ConfigError("train.use_ema=true is not supported with DeepSpeed ZeRO-3 (partitioned "
                           "weights); use ZeRO-2 or DDP for EMA")
+    if stage == 3 and cfg.eval.every:
+        raise ConfigError("eval.every is not supported with DeepSpeed ZeRO-3 (partitioned weights); "
+                          "audit saved checkpoints with python -m train.audit instead")
     if stage == 3 and cfg.validation.prompts:
         raise ConfigError("validation.prompts are not supported with DeepSpeed ZeRO-3; use the audit "
                           "on a saved checkpoint instead")
@@ -412,6 +416,13 @@ def run(cfg: DictConfig) -> Path:
         # 8. validation images and checkpoints
         if cfg.validation.prompts and cfg.validation.every and state.step % cfg.validation.every == 0:
             validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
+        if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == tcfg.max_steps):
+            # generate probe prompts (top flagged first), judge copies globally and inside BE regions
+            flagged_ids = [r["sample_id"] for r in monitor.top_flagged(cfg.eval.num_prompts)] if monitor else []
+            if monitor is not None:
+                monitor.capture.enabled = False  # the hook installs its own capture for sampling
+            run_eval_hook(cfg.eval, accelerator, parts, unet, text_encoder, data.table, state.step, out, tracker,
+                          data_cfg=data_cfg, ema=ema, dtype=dtype, flagged_ids=flagged_ids)
         if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps:
             if zero_stage < 3 and world > 1:  # ranks must hold the same weights; say so if not
                 divergence = weights_divergence(accelerator, accelerator.unwrap_model(unet))
