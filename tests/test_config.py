@@ -48,7 +48,9 @@ def test_incompatible_or_bad_settings_fail_at_start(overrides, message):
 
 def test_saved_config_has_no_secrets(tmp_path):
     # what a careless user config could hold, in any nesting
-    cfg = OmegaConf.create({"logging": {"run_name": "x", "wandb_api_key": "hunter2"}, "hub_token": "hf_abc"})
+    cfg = OmegaConf.create({"logging": {"run_name": "x", "wandb_api_key": "hunter2"}, "hub_token": "hf_abc",
+                            "mitigate": {"regularize": {"start_token": 0.5}, "captions": {"add_tokens": 2}}})
     save_config(cfg, tmp_path / "c.yaml")
     text = Path(tmp_path / "c.yaml").read_text()
     assert "hunter2" not in text and "hf_abc" not in text and "run_name: x" in text
+    assert "start_token: 0.5" in text and "add_tokens: 2" in text  # config that merely mentions tokens stays

@@ -85,6 +85,7 @@ def test_flagged_target_and_start_step():
     assert p.applies(5, flags).tolist() == [False, False]
     assert p.applies(10, flags).tolist() == [True, False]
     assert perturber(replace_p=1.0).applies(0, flags).tolist() == [True, True]
+    assert perturber().applies(0, flags).tolist() == [False, False]  # nothing configured: nothing perturbed
 
 
 def test_embedding_noise_has_the_configured_scale_on_masked_samples_only():

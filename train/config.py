@@ -147,6 +147,8 @@ class LoggingConfig:
     wandb_project: str = "copyguard"
     wandb_entity: Optional[str] = None
     wandb_mode: Optional[str] = None  # None: $WANDB_MODE if set, else "offline"
+    wandb_group: Optional[str] = None  # e.g. the ablation grid
+    wandb_job_type: Optional[str] = None  # e.g. the ablation variant
     run_name: Optional[str] = None
 
 
@@ -489,8 +491,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"logging.every must be > 0, got {cfg.logging.every}")
 
 
-# Keys whose values must never reach a file or W&B, whatever a user puts in a config.
-_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+# Keys whose values must never reach a file or W&B, whatever a user puts in a config. Matched on
+# whole names or suffixes, so that e.g. `start_token` or `add_tokens` (config, not secrets) stay.
+_SECRET_NAMES = {"token", "password", "secret", "api_key", "apikey", "auth", "credentials"}
+_SECRET_SUFFIXES = ("_api_key", "_apikey", "hf_token", "hub_token", "auth_token", "access_token", "_password",
+                    "_secret", "secret_key", "access_key")
+
+
+def _is_secret(key: str) -> bool:
+    key = str(key).lower()
+    return key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -498,8 +508,7 @@ def to_container(cfg: DictConfig) -> dict:
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: ("<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else scrub(v))
-                    for k, v in node.items()}
+            return {k: ("<redacted>" if _is_secret(k) else scrub(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
         return node

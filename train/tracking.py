@@ -63,6 +63,7 @@ class Tracker:
             project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity,
             name=cfg.logging.run_name or output_dir.name, id=run_id, resume="allow",
             dir=str(output_dir), mode=mode, config=to_container(cfg),
+            group=cfg.logging.wandb_group, job_type=cfg.logging.wandb_job_type,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

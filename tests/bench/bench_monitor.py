@@ -1,60 +1,103 @@
-"""Cost of the memorization monitor: trainer samples/s with the monitor off vs on, side by side.
+"""Cost of the memorization monitor on a training step of the tiny preset, monitor off vs on.
 
-Not a test. Run:  python tests/bench/bench_monitor.py [--steps 60] [--repeats 3]
+Not a test. Run:  python tests/bench/bench_monitor.py [--steps 200] [--batch 16]
 
-Variants (each round runs all of them in a rotated order, in this process):
-  off        monitor.enabled=false
-  drawn      bright ending read from the training forward (no extra pass), no magnitude pass
-  probe10    plus a no-grad probe pass at t=20 every 10 steps (the default), no magnitude pass
-  magnitude  the default plus the empty-prompt magnitude pass every step (its cost alone)
-Ratios are to `off` within the same round; we report their medians.
+One process, four copies of the same UNet, each with its own optimizer: `off` (no monitor),
+`drawn` (BE read from the training forward; no extra pass), `probe10` (the default: a no-grad
+probe pass at t=20 every 10th step) and `magnitude` (the default plus the empty-prompt magnitude
+pass on every step, to price that pass alone). Every step runs all four on the same batch, in a
+rotated order, so machine-load drift hits all alike; a step is the full training step (VAE
+encode, text encode, UNet forward, per-sample loss, monitor with its gather and ledger update,
+backward, clip, AdamW). We report samples/s over all timed steps (mean step time, because the
+probe runs on one step in ten) and the ratios to `off`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import statistics
+import os
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import config, trainer_samples_per_s  # noqa: E402
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"})
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+from data.datasets import build_train_data, resolve_source  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.finetune import encode_text, per_sample_loss  # noqa: E402
+from train.models import freeze, load_components  # noqa: E402
+from train.monitor.monitor import Monitor  # noqa: E402
 
 VARIANTS = {
-    "off": ("monitor.enabled=false",),
-    "drawn": ("monitor.be_mode=drawn", "monitor.magnitude_every=0"),
-    "probe10": ("monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=0"),
-    "magnitude": ("monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=1"),
+    "off": None,
+    "drawn": ["monitor.be_mode=drawn", "monitor.magnitude_every=0"],
+    "probe10": ["monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=0"],
+    "magnitude": ["monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=1"],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
-    names = list(VARIANTS)
-    ratios = {n: [] for n in names}
-    sps = {n: [] for n in names}
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            result = {}
-            for name in order:
-                cfg = config(Path(tmp) / f"{name}-{r}", Path(tmp) / "cache", args.steps, args.batch, args.warmup,
-                             VARIANTS[name])
-                result[name] = trainer_samples_per_s(cfg, args.warmup)
-            for name in names:
-                sps[name].append(result[name])
-                ratios[name].append(result[name] / result["off"])
-            print(f"round {r}: " + ", ".join(f"{n} {result[n]:.1f}" for n in names), flush=True)
-    print(json.dumps({"samples_per_s_median": {n: statistics.median(v) for n, v in sps.items()},
-                      "ratio_to_off_median": {n: statistics.median(v) for n, v in ratios.items()},
-                      "ratios": ratios}, indent=1))
+        base = load_config(overrides=[f"model.cache_dir={tmp}", f"train.batch_size={args.batch}"])
+        parts = load_components(base.model, base.data.resolution)
+        freeze(parts.vae)
+        freeze(parts.text_encoder)
+        data_cfg = resolve_source(base.data, base.model.cache_dir, base.seed)
+        data = build_train_data(data_cfg, batch_size=args.batch, seed=0, rank=0, world=1, cache_dir=tmp)
+        runs = {}
+        for name, overrides in VARIANTS.items():
+            unet = copy.deepcopy(parts.unet).train()
+            monitor = None
+            if overrides is not None:
+                cfg = load_config(overrides=overrides)
+                monitor = Monitor(cfg.monitor, unet, parts.tokenizer, parts.text_encoder, parts.noise_scheduler,
+                                  num_samples=data.num_samples, table=data.table)
+            runs[name] = (unet, monitor, torch.optim.AdamW(unet.parameters(), lr=1e-4), [])
+        names = list(VARIANTS)
+        batches = iter(data.loader)
+        sched = parts.noise_scheduler
+        for step in range(args.steps + args.warmup):
+            batch = next(batches)
+            gen = torch.Generator().manual_seed(step)
+            with torch.no_grad():
+                latents = parts.vae.encode(batch["pixel_values"]).latent_dist.sample(gen) * parts.vae.config.scaling_factor
+                text = encode_text(parts.tokenizer, parts.text_encoder, batch["text"], "cpu")
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+            noisy = sched.add_noise(latents, noise, t)
+            for name in names[step % len(names):] + names[:step % len(names)]:
+                unet, monitor, opt, times = runs[name]
+                t0 = time.perf_counter()
+                if monitor is not None:
+                    monitor.before_forward(batch["text"])
+                pred = unet(noisy, t, text).sample
+                loss_vec = per_sample_loss(pred, noise, t, sched, None)
+                if monitor is not None:
+                    monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, t, text, step)
+                loss_vec.mean().backward()
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+    sps = {n: args.batch * len(r[3]) / sum(r[3]) for n, r in runs.items()}
+    print(json.dumps({"threads": torch.get_num_threads(), "batch": args.batch, "timed_steps": args.steps,
+                      "samples_per_s": sps, "ratio_to_off": {n: sps[n] / sps["off"] for n in sps}}, indent=1))
 
 
 if __name__ == "__main__":

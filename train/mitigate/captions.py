@@ -48,7 +48,7 @@ class CaptionPerturber:
 
     def applies(self, step: int, flagged: torch.Tensor) -> torch.Tensor:
         """Which samples this step perturbs: all, or the flagged ones, once start_step is reached."""
-        if step < self.cfg.start_step:
+        if step < self.cfg.start_step or not (self.changes_text or self.cfg.embedding_noise):
             return torch.zeros_like(flagged)
         return flagged if self.cfg.target == "flagged" else torch.ones_like(flagged)
 

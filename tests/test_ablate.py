@@ -1,0 +1,262 @@
+"""launch/ablate.py: grid expansion and validation, commands for a cluster, summaries, result
+tables, and resume on real tiny runs (the smoke grid: 2 variants x 1 seed, 6 steps, testbed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("ablate", REPO / "launch" / "ablate.py")
+ablate = sys.modules.setdefault("ablate", importlib.util.module_from_spec(spec))  # launch/ is no package
+spec.loader.exec_module(ablate)
+
+SMOKE = REPO / "configs" / "ablation" / "smoke.yaml"
+TESTBED = REPO / "configs" / "ablation" / "testbed.yaml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def small_grid(tmp_path) -> Path:
+    a = write(tmp_path / "a.yaml", "train:\n  lr: 0.1\n  max_steps: 7\n  batch_size: 3\n")
+    b = write(tmp_path / "b.yaml", "train:\n  lr: 0.2\n  batch_size: 4\n")
+    return write(tmp_path / "grid.yaml", f"""
+name: small
+base: [{a}, train.max_steps=9]
+seeds: [0, 3]
+variants:
+  plain: []
+  file: [{b}]
+  both: [{b}, train.lr=0.3, train.lr=0.4]
+""")
+
+
+# ------------------------------------------------------------------------- expansion
+
+
+def test_expansion_names_seeds_dirs_and_override_order(small_grid, tmp_path):
+    grid = ablate.load_grid(small_grid, out=tmp_path / "out")
+    assert [r.name for r in grid.runs] == ["plain/seed0", "plain/seed3", "file/seed0", "file/seed3",
+                                           "both/seed0", "both/seed3"]
+    by = {r.name: r for r in grid.runs}
+    for run in grid.runs:
+        assert run.dir == tmp_path / "out" / run.variant / f"seed{run.seed}"
+        assert run.cfg.seed == run.seed and Path(run.cfg.output_dir) == run.dir
+        assert run.cfg.train.max_steps == 9  # a base key=value beats every file, as on the trainer's CLI
+    assert by["plain/seed0"].cfg.train.lr == 0.1 and by["plain/seed0"].cfg.train.batch_size == 3
+    assert by["file/seed0"].cfg.train.lr == 0.2 and by["file/seed0"].cfg.train.batch_size == 4  # variant file > base file
+    assert by["both/seed3"].cfg.train.lr == 0.4  # variant overrides, later wins
+    # the trainer gets files in order, then overrides in order, then the runner's own
+    args = ablate.train_args(by["both/seed3"], resume=True)
+    assert [Path(args[i]).name for i in (1, 3)] == ["a.yaml", "b.yaml"]
+    assert args[4:] == ["train.max_steps=9", "train.lr=0.3", "train.lr=0.4", f"output_dir={by['both/seed3'].dir}",
+                        "seed=3", "train.resume=latest"]
+    # --only takes names and patterns, --seeds a subset; unknown ones fail
+    assert [r.name for r in ablate.select(grid, ["b*"], [3])] == ["both/seed3"]
+    with pytest.raises(ablate.GridError, match="matches no variant"):
+        ablate.select(grid, ["nope"])
+    with pytest.raises(ablate.GridError, match="not one of the grid's seeds"):
+        ablate.select(grid, None, [7])
+
+
+def test_typos_fail_at_expansion_naming_variant_and_key(small_grid, tmp_path):
+    text = small_grid.read_text()
+    bad = write(tmp_path / "bad.yaml", text + "  typo: [mitigate.captions.replace_pp=0.1]\n")
+    with pytest.raises(ablate.GridError, match=r"variant 'typo': unknown config key 'mitigate.captions.replace_pp'"
+                                               r".*did you mean 'mitigate.captions.replace_p'"):
+        ablate.load_grid(bad)
+    overlay = write(tmp_path / "typo_overlay.yaml", "mitigate:\n  weights:\n    moode: drop\n")
+    bad = write(tmp_path / "bad2.yaml", text + f"  overlay: [{overlay}]\n")
+    with pytest.raises(ablate.GridError, match=r"variant 'overlay': unknown config key 'mitigate.weights.moode' "
+                                               r"in .*typo_overlay.yaml"):
+        ablate.load_grid(bad)
+    bad = write(tmp_path / "bad3.yaml", text.replace("train.max_steps=9", "train.max_step=9"))
+    with pytest.raises(ablate.GridError, match=r"base config: unknown config key 'train.max_step'"):
+        ablate.load_grid(bad)
+    bad = write(tmp_path / "bad4.yaml", text + "  bad_value: [mitigate.weights.mode=sometimes]\n")
+    with pytest.raises(ablate.GridError, match=r"variant 'bad_value': mitigate.weights.mode must be"):
+        ablate.load_grid(bad)
+    bad = write(tmp_path / "bad5.yaml", text + "  missing: [configs/mitigation/nope.yaml]\n")
+    with pytest.raises(ablate.GridError, match=r"variant 'missing': config file not found"):
+        ablate.load_grid(bad)
+    bad = write(tmp_path / "bad6.yaml", "evaluate:\n  testbed: {seed_s: 4}\n" + text)
+    with pytest.raises(ablate.GridError, match=r"evaluate.testbed: unknown option 'seed_s'.*did you mean 'seeds'"):
+        ablate.load_grid(bad)
+    bad = write(tmp_path / "bad7.yaml", "evaluate:\n  testbed: {seeds: 4}\n" + text)  # shapes data
+    with pytest.raises(ablate.GridError, match=r"evaluate.testbed needs data.source=testbed"):
+        ablate.load_grid(bad)
+    # the command line says the same and exits 2 before running anything
+    assert ablate.main([str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_testbed_grid_expands_to_every_mitigation():
+    grid = ablate.load_grid(TESTBED, out="/tmp/never-written")
+    assert grid.seeds == [0, 1, 2] and grid.reference == "none" and len(grid.runs) == 3 * len(grid.variants)
+    cfg = {r.variant: r.cfg for r in grid.runs if r.seed == 0}
+    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 2500
+    c = {v: cfg[v].mitigate.captions for v in cfg}
+    assert c["captions_mc"].multiple_captions and c["captions_mc"].target == "all"
+    assert c["captions_mc_flagged"].multiple_captions and c["captions_mc_flagged"].target == "flagged"
+    assert c["captions_rc"].replace_p == 0.1 and c["captions_rc_flagged"].target == "flagged"
+    assert c["captions_rt"].add_token_p > 0 and c["captions_cwr"].repeat_word_p > 0
+    assert c["captions_gn"].embedding_noise > 0 and c["captions_word_dropout"].drop_word_p > 0
+    assert cfg["downweight_flagged"].mitigate.weights.mode == "downweight"
+    assert cfg["drop_flagged"].mitigate.weights.mode == "drop" and cfg["dedup"].mitigate.weights.dedup
+    for term in ("be_mass", "entropy", "start_token"):
+        assert cfg[f"reg_{term}"].mitigate.regularize[term] > 0
+    none = cfg["none"].mitigate
+    assert not none.weights.dedup and none.weights.mode == "none" and none.captions.replace_p == 0
+    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.regularize.target == "flagged"
+    assert len({r.config_sha for r in grid.runs}) == len(grid.runs)  # start_token too (W&B redacts "token" keys)
+
+
+def test_print_commands_and_slurm_array(tmp_path):
+    out = tmp_path / "out"
+    assert ablate.main([str(SMOKE), "--out", str(out), "--print-commands", "--set", "logging.wandb=true"]) == 0
+    lines = (out / "commands.txt").read_text().splitlines()
+    assert len(lines) == 2
+    train, finish = lines[0].split(" && ")
+    words = shlex.split(train)
+    assert words[:4] == ["WANDB_RUN_GROUP=smoke", "WANDB_JOB_TYPE=none", "python", "train/finetune.py"]
+    assert words[-5:] == ["logging.wandb=true", f"output_dir={out}/none/seed0", "seed=0",
+                          "logging.run_name=none-seed0", "train.resume=latest"]
+    assert shlex.split(finish)[:9] == ["python", "launch/ablate.py", "configs/ablation/smoke.yaml", "--out",
+                                       str(out), "--only", "none", "--seeds", "0"]
+    assert "--config configs/mitigation/captions_rc.yaml" in lines[1]
+    sbatch = (out / "slurm_array.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in sbatch and str(out / "commands.txt") in sbatch
+    assert not (out / "none").exists()  # nothing ran
+
+
+# ------------------------------------------------------------------------- summaries and tables
+
+
+def fake_run(run: Path, seed: int, replica: float, local: float, kid: float) -> Path:
+    """A finished run's files, as the trainer and the testbed evaluation write them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("monitor:\n  label_column: group\n  negative_label: clean\n")
+    rows = [{"step": s, "train/loss": 1.0 / s, "perf/samples_per_s": float(10 * s)} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"step": 3, "val/x": 1}]))
+    group = ["clean"] * 6 + ["global"] * 2 + ["local"] * 2
+    score = [0.1, 0.2, 0.3, 0.4, 0.5, np.nan, 0.9, 0.35, 0.6, 0.05]
+    pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(10)], "observations": [1] * 10,
+                             "score": score, "flagged": [False] * 8 + [True, False], "group": group}),
+                   run / "ledger.parquet")
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({"generation_seconds": 1.5, "summary": {
+        "global_replica_rate": replica, "local_replica_rate": local, "clean_replica_rate": 0.0,
+        "clean_local_replica_rate": 0.1, "kid_clean_vs_heldout": kid, "localization_iou": 0.7}}))
+    return run
+
+
+def test_summary_fields_come_from_metrics_ledger_and_eval(tmp_path):
+    from train.monitor.ledger import detection_metrics
+
+    s = ablate.summarize(fake_run(tmp_path / "r", 0, 0.5, 0.25, 0.02), variant="v", seed=0)
+    assert (s["variant"], s["seed"], s["steps"], s["train_loss"], s["samples_per_s"]) == ("v", 0, 3, 1 / 3, 20.0)
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, np.nan, 0.9, 0.35, 0.6, 0.05])
+    group = np.array(["clean"] * 6 + ["global"] * 2 + ["local"] * 2)
+    for label in ("global", "local"):
+        expected = detection_metrics(score, group == label, group == "clean")
+        assert s[f"det_auc_{label}"] == pytest.approx(expected["auc"])
+        assert s[f"det_tpr1fpr_{label}"] == pytest.approx(expected["tpr_at_1fpr"])
+    assert s["det_auc_global"] == pytest.approx(0.8)  # 0.9 beats all 5 clean, 0.35 beats 3 of 5: 8/10
+    assert (s["flagged"], s["flagged_rate_local"], s["flagged_rate_clean"]) == (1, 0.5, 0.0)
+    assert (s["global_replica_rate"], s["local_replica_rate"], s["quality_kid"], s["localization_iou"]) == \
+        (0.5, 0.25, 0.02, 0.7)
+    assert s["quality_metric"] == "kid_clean_vs_heldout"
+
+
+def test_tables_give_mean_and_std_over_seeds_and_the_goal(small_grid, tmp_path):
+    grid = ablate.load_grid(small_grid, out=tmp_path / "out")
+    grid.reference = "plain"
+    numbers = {("plain", 0): (0.50, 0.40, 0.100), ("plain", 3): (0.70, 0.60, 0.100),
+               ("file", 0): (0.02, 0.05, 0.102), ("file", 3): (0.04, 0.05, 0.104),
+               ("both", 0): (0.30, 0.05, 0.100)}  # both/seed3 not finished
+    for (variant, seed), (g, l, k) in numbers.items():
+        run = fake_run(grid.out / variant / f"seed{seed}", seed, g, l, k)
+        (run / "summary.json").write_text(json.dumps(ablate.summarize(run, variant=variant, seed=seed)))
+    written = ablate.collect(grid)
+    import csv
+
+    rows = list(csv.DictReader(open(written["csv"])))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("plain", "0"), ("plain", "3"), ("file", "0"),
+                                                          ("file", "3"), ("both", "0")]
+    md = written["md"].read_text()
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in md.splitlines() if line.startswith("| `")}
+    assert list(table) == ["`plain`", "`file`", "`both`"]
+    header = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| variant")).split("|")[1:-1]][1:]
+    plain, file, both = (dict(zip(header, table[f"`{v}`"])) for v in ("plain", "file", "both"))
+    assert plain["seeds"] == "2" and plain["global replica rate"] == f"0.600 ± {math.sqrt(0.02):.3f}"
+    assert both["seeds"] == "1" and both["global replica rate"] == "0.300"  # one seed: no spread
+    assert file["global vs ref"] == "-95%" and file["local vs ref"] == "-90%" and file["KID vs ref"] == "+3%"
+    assert file["meets goal"] == "yes" and both["meets goal"] == "no" and plain["meets goal"] == "—"
+    assert "localization IoU" in header and "det. AUC global" in header
+
+
+# ------------------------------------------------------------------------- real runs, resume
+
+
+def test_real_runs_collect_and_resume(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    argv = [str(SMOKE), "--out", str(out), "--mode", "inprocess", "--set", f"model.cache_dir={cache_dir}"]
+    assert ablate.main(argv) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("none", "0"), ("captions_rc", "0")]
+    md = (out / "results.md").read_text()
+    assert "| `none` | 1 |" in md and "| `captions_rc` | 1 |" in md
+    summaries = {v: json.loads((out / v / "seed0" / "summary.json").read_text()) for v in ("none", "captions_rc")}
+    for s in summaries.values():
+        assert s["steps"] == 6 and math.isfinite(s["train_loss"]) and s["samples_per_s"] > 0
+        assert 0 <= s["det_auc_global"] <= 1 and 0 <= s["det_tpr1fpr_local"] <= 1  # the testbed's group column
+        assert 0 <= s["global_replica_rate"] <= 1 and 0 <= s["local_replica_rate"] <= 1
+        assert s["quality_kid"] is not None and s["wall_train_s"] > 0
+    assert summaries["none"]["train_loss"] != summaries["captions_rc"]["train_loss"]  # RC changed the captions
+
+    # a second invocation re-runs nothing
+    grid = ablate.load_grid(SMOKE, out=out, extra=[f"model.cache_dir={cache_dir}"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/summary.json")}
+    assert ablate.run_grid(grid, grid.runs, mode="inprocess") == {"none/seed0": "skipped", "captions_rc/seed0": "skipped"}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # a run whose summary is removed is done again (training finished: summarized only)
+    (out / "captions_rc" / "seed0" / "summary.json").unlink()
+    assert ablate.run_grid(grid, grid.runs, mode="inprocess") == {"none/seed0": "skipped",
+                                                                   "captions_rc/seed0": "summarized"}
+
+    # a run cut short resumes from its checkpoint, then is evaluated again (its final/ is new)
+    run = out / "none" / "seed0"
+    import shutil
+
+    for name in ("summary.json",):
+        (run / name).unlink()
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    (run / "checkpoints" / "latest").write_text("checkpoint-3")
+    assert ablate.status(grid.runs[0], grid) == "resume"
+    assert ablate.run_grid(grid, grid.runs[:1], mode="inprocess") == {"none/seed0": "resumed"}
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run / "eval" / "eval.json").stat().st_mtime >= (run / "final" / "model_index.json").stat().st_mtime
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["train_loss"] == pytest.approx(summaries["none"]["train_loss"], rel=1e-5)  # exact resume
