@@ -130,9 +130,10 @@ def test_print_commands_and_slurm_array(tmp_path):
     assert len(lines) == 2
     train, finish = lines[0].split(" && ")
     words = shlex.split(train)
-    assert words[:4] == ["WANDB_RUN_GROUP=smoke", "WANDB_JOB_TYPE=none", "python", "train/finetune.py"]
-    assert words[-5:] == ["logging.wandb=true", f"output_dir={out}/none/seed0", "seed=0",
-                          "logging.run_name=none-seed0", "train.resume=latest"]
+    assert words[:2] == ["python", "train/finetune.py"]
+    assert words[-7:] == ["logging.wandb=true", f"output_dir={out}/none/seed0", "seed=0",
+                          "logging.run_name=none-seed0", "logging.wandb_group=smoke", "logging.wandb_job_type=none",
+                          "train.resume=latest"]
     assert shlex.split(finish)[:9] == ["python", "launch/ablate.py", "configs/ablation/smoke.yaml", "--out",
                                        str(out), "--only", "none", "--seeds", "0"]
     assert "--config configs/mitigation/captions_rc.yaml" in lines[1]
