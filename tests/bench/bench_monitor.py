@@ -40,6 +40,9 @@ VARIANTS = {
     "drawn": ["monitor.be_mode=drawn", "monitor.magnitude_every=0"],
     "probe10": ["monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=0"],
     "magnitude": ["monitor.be_mode=probe", "monitor.probe_every=10", "monitor.magnitude_every=1"],
+    "lean": ["monitor.be_mode=probe", "monitor.probe_every=20", "monitor.magnitude_every=0",
+             "monitor.token_layers=[down_blocks,mid_block]"],
+    "lean_drawn": ["monitor.be_mode=drawn", "monitor.magnitude_every=0", "monitor.token_layers=[down_blocks,mid_block]"],
 }
 
 

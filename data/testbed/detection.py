@@ -1,0 +1,105 @@
+"""How well a run's ledger separates planted samples from clean ones, next to the two baselines.
+
+``python -m data.testbed.detection --run RUN [--epoch0 RUN0] [--out table.md]``
+
+For each memorization kind (global, local) vs clean: AUC and TPR@1%FPR of the combined ledger
+score and of every signal's running mean, and beside them
+* the token-count baseline: the AUC of the caption's token count alone (a signal that only
+  follows caption length "detects" captions, not memorization), and
+* the same signal's AUC in ``--epoch0``, a ledger from the first epoch of the same fine-tune
+  (before the model could memorize the planted copies).
+Also the step at which each group's median sample was first flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from train.monitor.ledger import detection_metrics
+
+
+def load(run: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(Path(run) / "ledger.parquet").to_pydict()
+    return {k: np.asarray(v) for k, v in table.items()}
+
+
+def token_counts(run: Path, captions: np.ndarray) -> np.ndarray:
+    """Tokens the model saw per caption (the run's own tokenizer, truncated as in training)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(Path(run) / "final", subfolder="tokenizer")
+    ids = tokenizer(list(captions), truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return np.asarray([len(i) for i in ids], dtype=np.float64)
+
+
+def detection_table(run: Path, epoch0: Path | None = None) -> dict:
+    led = load(run)
+    early = load(epoch0) if epoch0 else None
+    groups = led["group"]
+    tokens = token_counts(run, led["caption"])
+    signals = ["score"] + sorted(k[:-5] for k in led if k.endswith("_mean"))
+    result: dict = {"kinds": {}}
+    for kind in ("global", "local"):
+        pos, neg = groups == kind, groups == "clean"
+        if not pos.any():
+            continue
+        rows = {}
+        for name in signals:
+            column = "score" if name == "score" else f"{name}_mean"
+            now = detection_metrics(led[column].astype(float), pos, neg)
+            row = {"auc": now["auc"], "tpr_at_1fpr": now["tpr_at_1fpr"]}
+            if early is not None:
+                row["auc_epoch0"] = detection_metrics(early[column].astype(float), early["group"] == kind,
+                                                      early["group"] == "clean")["auc"]
+            rows[name] = row
+        first = led["first_flagged_step"][pos]
+        flagged = first[first >= 0]
+        result["kinds"][kind] = {
+            "signals": rows,
+            "token_count_auc": detection_metrics(tokens, pos, neg)["auc"],
+            "flagged_share": float((led["flagged"][pos]).mean()),
+            "clean_flagged_share": float(led["flagged"][neg].mean()),
+            "median_first_flagged_step": float(np.median(first)) if (first >= 0).all() else
+            (float(np.median(np.where(first >= 0, first, np.inf))) if len(flagged) * 2 >= len(first) else None),
+        }
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    for kind, info in result["kinds"].items():
+        lines.append(f"**{kind} vs clean** (token-count baseline AUC {info['token_count_auc']:.3f}; "
+                     f"flagged: {100 * info['flagged_share']:.0f}% of {kind}, {100 * info['clean_flagged_share']:.1f}% "
+                     f"of clean; median first flagged at step {info['median_first_flagged_step']})\n")
+        lines.append("| signal | AUC | TPR@1%FPR | AUC at epoch 0 |")
+        lines.append("| --- | --- | --- | --- |")
+        for name, row in info["signals"].items():
+            e0 = row.get("auc_epoch0")
+            lines.append(f"| {name} | {row['auc']:.3f} | {row['tpr_at_1fpr']:.3f} | "
+                         f"{'' if e0 is None else f'{e0:.3f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--epoch0", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = detection_table(args.run, args.epoch0)
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""Score a trained model on the testbed: how many planted prompts give replicas, and at what quality.
+
+``python -m data.testbed.evaluate --model RUN/final [--testbed DIR] --out OUT [--seeds 4] [--steps 25] [--guidance 3]``
+
+1. Prompts: every distinct global prompt, ``--local-per-group`` local rows per local group and
+   ``--clean`` clean rows (seeded choice). The clean rows are split in two halves: the
+   *calibration* half sets the thresholds, the *evaluation* half is scored like the planted
+   prompts, so the clean rates are a measurement and not 5% by construction.
+2. Generations: ``StableDiffusionPipeline.from_pretrained`` with DDIM (trailing timesteps, so
+   sampling starts from pure noise), ``--seeds`` images per prompt, one seeded generator per
+   (prompt, seed), so an image does not depend on how prompts are batched.
+3. Measures (all from :mod:`data.testbed.measures`):
+   * replica threshold = :func:`calibrate_threshold` (5% quantile) of the calibration
+     generations' nearest-training-image pixel RMSE; a generation is a replica when its nearest
+     training image is its own source and closer than that (:func:`replica_flags`);
+   * region threshold per local group = the same quantile of the calibration generations'
+     :func:`masked_distance` to the group's stamp; a local-row generation is a local replica
+     when its stamp region is closer than that and the whole image is not a replica
+     (:func:`is_local_replica`); clean evaluation generations are checked against every stamp;
+   * quality = KID (:func:`image_kid`, default :class:`PixelFeatures` extractor) between all
+     clean-prompt generations and the held-out images, next to the KID of the clean training
+     images themselves (what a perfect generator of the data would score).
+   Rates are per generation (the mean over prompts and seeds); ``*_any_seed`` is the share of
+   prompts with at least one of their seeds flagged.
+4. ``OUT/eval.json`` (summary + every generation's numbers), ``OUT/grid.png`` (per row: the
+   generations of one prompt, then its own training image; global rows, then local, then clean)
+   and ``OUT/generations.npz`` (the images, for re-scoring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, pixel_distance,
+                                   replica_flags)
+from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images
+
+GROUP_ORDER = ("global", "local", "clean")
+
+
+@dataclass
+class Prompt:
+    """One prompt to generate from, and what its generations are compared with."""
+
+    group: str             # global | local | clean
+    role: str              # "eval" | "calibration" (clean prompts only)
+    text: str
+    sample_id: str
+    source_id: str
+    file_name: str         # the own training image
+    mask_file: str | None  # local rows: the stamp mask
+    local_group: int | None
+
+
+def _rng(seed: int, purpose: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "little")])
+
+
+def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 64, seed: int = 0) -> list[Prompt]:
+    """Global: one prompt per distinct global image. Local: ``local_per_group`` rows per group.
+    Clean: ``n_clean`` rows, alternately assigned to calibration and evaluation."""
+    rows = read_rows(root, split="train")
+
+    def prompt(row: dict, role: str = "eval") -> Prompt:
+        return Prompt(row["group"], role, row["text"], row["sample_id"], row["source_id"], row["file_name"],
+                      row.get("mask_file"), row.get("local_group"))
+
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for row in rows:
+        if row["group"] == "global" and row["source_id"] not in seen:
+            seen.add(row["source_id"])
+            prompts.append(prompt(row))
+    local = [r for r in rows if r["group"] == "local"]
+    for g in sorted({r["local_group"] for r in local}):
+        members = [r for r in local if r["local_group"] == g]
+        pick = _rng(seed, f"local-{g}").permutation(len(members))[:local_per_group]
+        prompts += [prompt(members[int(i)]) for i in sorted(pick)]
+    clean = [r for r in rows if r["group"] == "clean"]
+    if n_clean and len(clean) < 4:
+        raise ValueError(f"evaluate: the testbed has {len(clean)} clean rows; at least 4 are needed to calibrate")
+    pick = _rng(seed, "clean").permutation(len(clean))[:n_clean]
+    prompts += [prompt(clean[int(i)], "calibration" if k % 2 == 0 else "eval") for k, i in enumerate(pick)]
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def load_pipeline(model: str | Path, spacing: str = "trailing"):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, texts: Sequence[str], seeds: int, resolution: int, steps: int = 25, guidance: float = 3.0,
+             batch: int = 64, seed: int = 0) -> np.ndarray:
+    """(len(texts), seeds, H, W, 3) float images in [0, 1]; generation (i, k) is seeded by (seed, text i, k)."""
+    import torch
+
+    jobs = [(i, k) for i in range(len(texts)) for k in range(seeds)]
+    out = np.zeros((len(texts), seeds, resolution, resolution, 3), dtype=np.float32)
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        generators = [torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(
+            f"{seed}|{texts[i]}|{k}".encode()).digest()[:7], "little")) for i, k in chunk]
+        with torch.no_grad():
+            images = pipe([texts[i] for i, _ in chunk], height=resolution, width=resolution,
+                          num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                          output_type="np").images
+        for (i, k), image in zip(chunk, images):
+            out[i, k] = image
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring (no model needed: give it any images, e.g. the training images themselves)
+# --------------------------------------------------------------------------------------------
+
+
+def _rate(flags: np.ndarray) -> float | None:
+    return float(flags.mean()) if flags.size else None
+
+
+def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quantile: float = 0.05,
+          extractor: Any = None) -> dict:
+    """Replica, local-replica and quality numbers for ``images`` (P, S, H, W, 3) from ``prompts``."""
+    images = np.asarray(images, dtype=np.float64)
+    if images.ndim != 5 or len(images) != len(prompts):
+        raise ValueError(f"score: expected ({len(prompts)}, seeds, H, W, 3) images, got {images.shape}")
+    P, S = images.shape[:2]
+    flat = images.reshape(P * S, *images.shape[2:])
+    train = training_images(root)
+    if train.images.shape[1:] != images.shape[2:]:
+        raise ValueError(f"score: generations are {images.shape[2:]}, training images {train.images.shape[1:]}")
+    group = np.array([p.group for p in prompts])
+    role = np.array([p.role for p in prompts])
+    calib = (group == "clean") & (role == "calibration")
+    if not calib.any():
+        raise ValueError("score: no clean calibration prompts")
+
+    own = [p.source_id for p in prompts for _ in range(S)]
+    result = replica_flags(flat, own, train.images, train.source_ids, np.inf)
+    nn_index, nn_distance = result.nn_index.reshape(P, S), result.nn_distance.reshape(P, S)
+    nn_is_own = (result.nn_source_id == np.asarray(own, dtype=object)).reshape(P, S)
+    threshold = calibrate_threshold(nn_distance[calib], quantile)
+    replica = nn_is_own & (nn_distance < threshold)
+
+    # Stamps: one (own image, mask) per local group; every local image carries the same stamp pixels.
+    rows = read_rows(root, split="train")
+    stamps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for row in rows:
+        if row["group"] == "local" and row["local_group"] not in stamps:
+            stamps[row["local_group"]] = (load_image(root, row["file_name"]), load_mask(root, row))
+    cal_images = images[calib].reshape(-1, *images.shape[2:])
+    region_threshold = {g: calibrate_threshold(masked_distance(cal_images, img, mask), quantile)
+                        for g, (img, mask) in stamps.items()}
+
+    region_distance = np.full((P, S), np.nan)
+    local_replica = np.zeros((P, S), dtype=bool)
+    clean_stamp = np.zeros((P, S, max(len(stamps), 1)), dtype=bool)  # clean generation shows stamp g
+    for p, prompt in enumerate(prompts):
+        if prompt.group == "local":
+            own_image = load_image(root, prompt.file_name)
+            mask = load_mask(root, asdict(prompt) | {"group": "local"})
+            region_distance[p] = masked_distance(images[p], own_image, mask)
+            local_replica[p] = (region_distance[p] < region_threshold[prompt.local_group]) & ~replica[p]
+        elif prompt.group == "clean":
+            for g, (img, mask) in stamps.items():
+                clean_stamp[p, :, g] = (masked_distance(images[p], img, mask) < region_threshold[g]) & ~replica[p]
+
+    def group_summary(name: str, mask: np.ndarray) -> dict:
+        out = {
+            "prompts": int(mask.sum()), "generations": int(mask.sum() * S),
+            "replica_rate": _rate(replica[mask]),
+            "replica_rate_any_seed": _rate(replica[mask].any(axis=1)),
+            "nn_is_own_rate": _rate(nn_is_own[mask]),
+            "nn_distance_median": float(np.median(nn_distance[mask])) if mask.any() else None,
+        }
+        if name == "local":
+            out.update(local_replica_rate=_rate(local_replica[mask]),
+                       local_replica_rate_any_seed=_rate(local_replica[mask].any(axis=1)),
+                       region_distance_median=float(np.nanmedian(region_distance[mask])) if mask.any() else None)
+        if name == "clean" and stamps:
+            per_stamp = clean_stamp[mask]  # (prompts, seeds, groups)
+            out.update(local_replica_rate=_rate(per_stamp.mean(axis=2)),  # mean over stamps
+                       local_replica_rate_any_stamp=_rate(per_stamp.any(axis=2)))
+        return out
+
+    groups = {"global": group_summary("global", group == "global"),
+              "local": group_summary("local", group == "local"),
+              "clean": group_summary("clean", (group == "clean") & (role == "eval")),
+              "clean_calibration": group_summary("clean_calibration", calib)}
+
+    # Quality: all clean-prompt generations vs the held-out images.
+    heldout = read_rows(root, split="heldout")
+    quality: dict[str, Any] = {"extractor": "PixelFeatures (data.testbed.measures.default_extractor)"}
+    clean_gen = images[group == "clean"].reshape(-1, *images.shape[2:])
+    if len(heldout) >= 2 and len(clean_gen) >= 2:
+        held = np.stack([load_image(root, r["file_name"]) for r in heldout])
+        clean_train = train.images[np.array(train.groups) == "clean"]
+        quality.update(
+            kid_clean_generations_vs_heldout=image_kid(clean_gen, held, extractor),
+            kid_clean_training_images_vs_heldout=image_kid(clean_train, held, extractor) if len(clean_train) >= 2 else None,
+            generations=int(len(clean_gen)), heldout_images=int(len(held)))
+
+    per_generation = []
+    for p, prompt in enumerate(prompts):
+        for k in range(S):
+            per_generation.append({
+                "prompt": p, "seed": k, "group": prompt.group, "role": prompt.role, "sample_id": prompt.sample_id,
+                "nn_file": train.file_names[int(nn_index[p, k])], "nn_is_own": bool(nn_is_own[p, k]),
+                "nn_distance": float(nn_distance[p, k]), "own_distance": float(pixel_distance(
+                    images[p, k], load_image(root, prompt.file_name))),
+                "replica": bool(replica[p, k]),
+                "region_distance": None if np.isnan(region_distance[p, k]) else float(region_distance[p, k]),
+                "local_replica": bool(local_replica[p, k]),
+            })
+    return {
+        "thresholds": {"quantile": quantile, "replica": threshold,
+                       "region": {str(g): t for g, t in sorted(region_threshold.items())}},
+        "groups": groups, "quality": quality,
+        "prompts": [asdict(p) for p in prompts], "generations": per_generation,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Picture grid
+# --------------------------------------------------------------------------------------------
+
+
+def picture_grid(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, path: str | Path,
+                 rows_per_group: int = 4, scale: int = 3, evaluation: dict | None = None) -> list[dict]:
+    """PNG: per row the generations of one prompt | its own training image. Returns the rows shown.
+
+    A thin red frame marks a replica, a blue one a local replica (when ``evaluation`` is given).
+    """
+    from PIL import Image
+
+    P, S, H, W, _ = images.shape
+    flags = {}
+    if evaluation:
+        for g in evaluation["generations"]:
+            flags[(g["prompt"], g["seed"])] = (255, 0, 0) if g["replica"] else (0, 90, 255) if g["local_replica"] else None
+    chosen = []
+    for name in GROUP_ORDER:
+        members = [i for i, p in enumerate(prompts) if p.group == name and p.role == "eval"]
+        if name == "local":  # spread the rows over the local groups
+            by_group: dict[int, list[int]] = {}
+            for i in members:
+                by_group.setdefault(prompts[i].local_group, []).append(i)
+            members = [i for batch in zip(*by_group.values()) for i in batch] if by_group else []
+        chosen += members[:rows_per_group]
+    pad, gap = 2, 6
+    cell = H * scale
+    width = pad + (S + 1) * (cell + pad) + gap
+    height = pad + len(chosen) * (cell + pad)
+    canvas = Image.new("RGB", (width, max(height, 1)), (90, 90, 90))
+    shown = []
+    for r, p in enumerate(chosen):
+        y = pad + r * (cell + pad)
+        for k in range(S):
+            tile = Image.fromarray((np.clip(images[p, k], 0, 1) * 255).round().astype(np.uint8))
+            tile = tile.resize((cell, cell), Image.NEAREST)
+            colour = flags.get((p, k))
+            if colour:
+                frame = Image.new("RGB", (cell, cell), colour)
+                frame.paste(tile.crop((2, 2, cell - 2, cell - 2)), (2, 2))
+                tile = frame
+            canvas.paste(tile, (pad + k * (cell + pad), y))
+        own = Image.fromarray((load_image(root, prompts[p].file_name) * 255).round().astype(np.uint8))
+        canvas.paste(own.resize((cell, cell), Image.NEAREST), (pad + S * (cell + pad) + gap, y))
+        shown.append({"row": r, "group": prompts[p].group, "prompt": prompts[p].text, "own": prompts[p].file_name})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return shown
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def testbed_of_run(model: str | Path) -> Path:
+    """The testbed a run trained on, from ``<run>/config.yaml`` beside ``<run>/final``."""
+    from omegaconf import OmegaConf
+
+    from data.datasets import resolve_source
+
+    config = Path(model).expanduser().resolve().parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"no --testbed given and no {config} to read it from")
+    cfg = OmegaConf.load(config)
+    if cfg.data.source != "testbed":
+        raise ValueError(f"{config}: data.source is {cfg.data.source!r}, not testbed; pass --testbed")
+    return Path(resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed).path)
+
+
+def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,
+             guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 64, seed: int = 0,
+             batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing") -> dict:
+    root = Path(testbed) if testbed else testbed_of_run(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolution = int(read_manifest(root)["params"]["resolution"])
+    prompts = select_prompts(root, local_per_group, n_clean, seed)
+    start = time.perf_counter()
+    pipe = load_pipeline(model, spacing)
+    images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
+    gen_seconds = time.perf_counter() - start
+    np.savez_compressed(out / "generations.npz", images=(images * 255).round().astype(np.uint8))
+    result = score(images, prompts, root, quantile)
+    shown = picture_grid(images, prompts, root, out / "grid.png", grid_rows, evaluation=result)
+    g = result["groups"]
+    summary = {
+        "global_replica_rate": g["global"]["replica_rate"],
+        "local_replica_rate": g["local"]["local_replica_rate"],
+        "clean_replica_rate": g["clean"]["replica_rate"],
+        "clean_local_replica_rate": g["clean"].get("local_replica_rate"),
+        "kid_clean_vs_heldout": result["quality"].get("kid_clean_generations_vs_heldout"),
+    }
+    result = {"summary": summary, "model": str(model), "testbed": str(root),
+              "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
+                           "local_per_group": local_per_group, "n_clean": n_clean, "seed": seed,
+                           "resolution": resolution},
+              "generation_seconds": round(gen_seconds, 1), **result, "grid": {"file": "grid.png", "rows": shown}}
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.testbed.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder, e.g. RUN/final")
+    p.add_argument("--testbed", default=None, help="the testbed folder (default: the one RUN/config.yaml trained on)")
+    p.add_argument("--out", required=True, help="folder for eval.json, grid.png, generations.npz")
+    p.add_argument("--seeds", type=int, default=4, help="generations per prompt")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--local-per-group", type=int, default=6, help="local rows sampled per local group")
+    p.add_argument("--clean", type=int, default=64, help="clean rows sampled (half calibrate, half are scored)")
+    p.add_argument("--quantile", type=float, default=0.05, help="calibration quantile of clean distances")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--grid-rows", type=int, default=4, help="grid rows per group")
+    p.add_argument("--spacing", default="trailing", choices=("trailing", "leading", "linspace"),
+                   help="DDIM timestep spacing")
+    a = p.parse_args(argv)
+    result = evaluate(a.model, a.testbed, a.out, a.seeds, a.steps, a.guidance, a.local_per_group, a.clean,
+                      a.seed, a.batch, a.grid_rows, a.quantile, a.spacing)
+    print(json.dumps({"summary": result["summary"], "thresholds": result["thresholds"],
+                      "generation_seconds": result["generation_seconds"],
+                      "groups": {k: {kk: v for kk, v in d.items()} for k, d in result["groups"].items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""data.testbed.evaluate: the scoring on hand-made "generations", and the CLI end to end on a 2-step run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data.testbed import build_testbed  # noqa: E402
+from data.testbed.evaluate import main, picture_grid, score, select_prompts  # noqa: E402
+from data.testbed.reading import load_image, load_mask, read_rows  # noqa: E402
+
+TINY = dict(n_clean=24, n_heldout=8, n_global=3, global_repeats=4, n_local_groups=2, local_per_group=4)
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory) -> Path:
+    return build_testbed(tmp_path_factory.mktemp("tb") / "tb", resolution=16, seed=0, **TINY)
+
+
+def test_select_prompts(testbed):
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    groups = [p.group for p in prompts]
+    assert groups.count("global") == TINY["n_global"]  # one per distinct global image
+    assert len({p.source_id for p in prompts if p.group == "global"}) == TINY["n_global"]
+    assert groups.count("local") == 2 * TINY["n_local_groups"]
+    assert groups.count("clean") == 8
+    assert sum(p.role == "calibration" for p in prompts) == 4  # half the clean prompts calibrate
+    heldout = {r["sample_id"] for r in read_rows(testbed, split="heldout")}
+    assert not heldout & {p.sample_id for p in prompts}
+
+
+def test_training_images_as_generations_are_replicas(testbed, tmp_path):
+    """A "model" that returns its training images copies: global prompts score replicas, a stamp
+    pasted on an unrelated image scores a local replica, unrelated images score nothing."""
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    heldout = [load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")]
+    seeds = 2
+    images = np.zeros((len(prompts), seeds, 16, 16, 3))
+    for i, p in enumerate(prompts):
+        own = load_image(testbed, p.file_name)
+        for k in range(seeds):
+            other = heldout[(2 * i + k) % len(heldout)]  # never trained: no nearest image is "own"
+            if p.group == "global":
+                images[i, k] = own
+            elif p.group == "local":
+                mask = load_mask(testbed, {"mask_file": p.mask_file, "group": "local"})
+                images[i, k] = np.where(mask[..., None], own, other)  # the stamp on an unrelated image
+            else:
+                images[i, k] = other
+    result = score(images, prompts, testbed)
+    groups = result["groups"]
+    assert groups["global"]["replica_rate"] == 1.0
+    # the stamp covers a quarter of a 16-px image, so a pasted stamp can make the whole a replica too
+    assert groups["local"]["local_replica_rate"] >= 0.5
+    assert groups["local"]["local_replica_rate"] + groups["local"]["replica_rate"] == 1.0
+    assert groups["clean"]["replica_rate"] == 0.0
+    assert result["thresholds"]["replica"] > 0
+    for name in ("global", "local", "clean"):
+        for key, value in groups[name].items():
+            if key.endswith("rate") or key.endswith("any_seed") or key.endswith("any_stamp"):
+                assert 0.0 <= value <= 1.0, (name, key, value)
+    assert np.isfinite(result["quality"]["kid_clean_generations_vs_heldout"])
+    rows = picture_grid(images, prompts, testbed, tmp_path / "grid.png", rows_per_group=2, evaluation=result)
+    assert [r["group"] for r in rows] == ["global"] * 2 + ["local"] * 2 + ["clean"] * 2
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.height > 6 * 16
+
+    # ... and an unrelated image for every prompt is no replica anywhere.
+    unrelated = np.stack([[heldout[(i + k) % len(heldout)] for k in range(seeds)] for i in range(len(prompts))])
+    groups = score(unrelated, prompts, testbed)["groups"]
+    assert groups["global"]["replica_rate"] == 0.0
+    assert groups["local"]["replica_rate"] == 0.0
+
+
+def test_cli_on_a_two_step_run(tmp_path, cache_dir):
+    from tests.conftest import fast_overrides
+    from train.finetune import main as train
+
+    knobs = {f"data.testbed.{k}": v for k, v in TINY.items()}
+    run = train(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "testbed", "data.resolution": 16, "train.max_steps": 2, "train.checkpoint_every": 2,
+        "train.caption_dropout": 0.1, **knobs}))
+    out = tmp_path / "eval"
+    assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
+                 "--local-per-group", "1", "--clean", "6"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (out / "grid.png").is_file() and (out / "generations.npz").is_file()
+    for value in result["summary"].values():
+        assert value is not None
+    for key in ("global_replica_rate", "local_replica_rate", "clean_replica_rate"):
+        assert 0.0 <= result["summary"][key] <= 1.0
+    assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6)
