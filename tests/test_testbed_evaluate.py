@@ -100,3 +100,31 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     for key in ("global_replica_rate", "local_replica_rate", "clean_replica_rate"):
         assert 0.0 <= result["summary"][key] <= 1.0
     assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6)
+
+
+def test_detection_table_reports_signals_and_baselines(tmp_path):
+    """A ledger whose score separates planted from clean scores AUC 1; the token-count baseline
+    is computed from the captions with the run's own tokenizer."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.testbed.detection import detection_table, markdown
+    from train.models import byte_level_tokenizer
+
+    run = tmp_path / "run"
+    byte_level_tokenizer().save_pretrained(run / "final" / "tokenizer")
+    groups = ["clean"] * 40 + ["global"] * 10 + ["local"] * 10
+    rng = np.random.default_rng(0)
+    score = np.where(np.array(groups) == "global", 5.0, rng.normal(size=60))
+    captions = [("a long caption " * 3 if g == "local" else "short caption") for g in groups]
+    pq.write_table(pa.table({"group": groups, "caption": captions, "score": score, "loss_mean": -score,
+                             "flagged": np.array(groups) == "global",
+                             "first_flagged_step": np.where(np.array(groups) == "global", 7, -1)}),
+                   run / "ledger.parquet")
+    result = detection_table(run, epoch0=run)
+    g, loc = result["kinds"]["global"], result["kinds"]["local"]
+    assert g["signals"]["score"]["auc"] == 1.0 and g["signals"]["score"]["tpr_at_1fpr"] == 1.0
+    assert g["signals"]["loss"]["auc"] == 0.0 and g["median_first_flagged_step"] == 7
+    assert g["token_count_auc"] == 0.5 and loc["token_count_auc"] == 1.0  # local captions are longer here
+    assert "| score | 1.000 | 1.000 | 1.000 |" in markdown(result)

@@ -57,15 +57,16 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
                 row["auc_epoch0"] = detection_metrics(early[column].astype(float), early["group"] == kind,
                                                       early["group"] == "clean")["auc"]
             rows[name] = row
-        first = led["first_flagged_step"][pos]
-        flagged = first[first >= 0]
+        # never-flagged samples count as "later than any step": the median is None unless at
+        # least half of the group was flagged
+        first = led["first_flagged_step"][pos].astype(float)
+        median = float(np.median(np.where(first >= 0, first, np.inf)))
         result["kinds"][kind] = {
             "signals": rows,
             "token_count_auc": detection_metrics(tokens, pos, neg)["auc"],
             "flagged_share": float((led["flagged"][pos]).mean()),
             "clean_flagged_share": float(led["flagged"][neg].mean()),
-            "median_first_flagged_step": float(np.median(first)) if (first >= 0).all() else
-            (float(np.median(np.where(first >= 0, first, np.inf))) if len(flagged) * 2 >= len(first) else None),
+            "median_first_flagged_step": median if np.isfinite(median) else None,
         }
     return result
 
