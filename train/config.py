@@ -87,6 +87,9 @@ class TestbedDataConfig:
     global_repeats: int = 30
     n_local_groups: int = 4
     local_per_group: int = 12
+    stamp: str = "auto"  # emoji | shape | auto (emoji for openmoji)
+    stamp_size: float = 0.5  # stamp side as a fraction of the image side
+    local_background: bool = False  # local groups also share a pale background
 
 
 @dataclass
