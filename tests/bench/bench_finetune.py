@@ -2,7 +2,10 @@
 
 Not a test (pytest only collects test_*.py). Run:
 
-    python tests/bench/bench_finetune.py [--steps 60] [--warmup 10] [--repeats 3] [--batch 16]
+    python tests/bench/bench_finetune.py [--steps 60] [--warmup 10] [--repeats 3] [--batch 16] [--monitor]
+
+The trainer runs with the memorization monitor off unless --monitor is given (its cost is
+measured by tests/bench/bench_monitor.py), so this prices the loop itself.
 
 Each round runs both, in alternating order, in this process: the real trainer (``run(cfg)``,
 logging every 10 steps, no checkpoints or validation inside the timed steps) and a plain loop
@@ -92,12 +95,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--monitor", action="store_true", help="keep the memorization monitor on")
     args = parser.parse_args()
+    extra = () if args.monitor else ("monitor.enabled=false",)
     ratios, trainer_sps, plain_sps = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         for r in range(args.repeats):
-            cfg = config(Path(tmp) / f"run{r}", cache, args.steps, args.batch, every=args.warmup)
+            cfg = config(Path(tmp) / f"run{r}", cache, args.steps, args.batch, every=args.warmup, extra=extra)
             order = ("trainer", "plain") if r % 2 == 0 else ("plain", "trainer")
             result = {}
             for which in order:
@@ -108,6 +113,7 @@ def main() -> None:
             print(f"round {r}: trainer {result['trainer']:.1f} samples/s, plain {result['plain']:.1f}, "
                   f"ratio {ratios[-1]:.3f}", flush=True)
     print(json.dumps({"threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps,
+                      "monitor": args.monitor,
                       "trainer_samples_per_s_median": statistics.median(trainer_sps),
                       "plain_samples_per_s_median": statistics.median(plain_sps),
                       "ratio_median": statistics.median(ratios), "ratios": ratios}, indent=1))
