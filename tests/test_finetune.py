@@ -159,3 +159,17 @@ def test_wandb_offline_run_holds_metrics_and_images(tmp_path, cache_dir):
     assert run_dirs[0].name.endswith(run_id)
     main(args[:-0 or None] + ["train.max_steps=3", "train.resume=latest"])
     assert all(d.name.endswith(run_id) for d in (run / "wandb").glob("offline-run-*"))
+
+
+def test_data_position_maps_to_a_new_world_size_or_says_which_sizes_work():
+    from data.datasets import DataPosition
+    from train.checkpoint import CheckpointError, TrainState, map_data_position
+
+    # 2 ranks x batch 4 stopped 3 global batches (24 samples) into epoch 1
+    state = TrainState(world_size=2, batch_size=4, num_workers=0, data=DataPosition(1, 3, 11))
+    assert map_data_position(state, 1, 4, 0, streaming=False) == DataPosition(1, 6, 11)  # 24 / (1 x 4)
+    assert map_data_position(state, 3, 4, 0, streaming=False) == DataPosition(1, 2, 11)  # 24 / (3 x 4)
+    with pytest.raises(CheckpointError, match=r"24 samples into epoch 1.*whose product divides 24"):
+        map_data_position(state, 5, 4, 0, streaming=False)
+    with pytest.raises(CheckpointError, match="same processes x batch size x workers"):
+        map_data_position(state, 1, 4, 0, streaming=True)
