@@ -54,3 +54,10 @@ def test_saved_config_has_no_secrets(tmp_path):
     text = Path(tmp_path / "c.yaml").read_text()
     assert "hunter2" not in text and "hf_abc" not in text and "run_name: x" in text
     assert "start_token: 0.5" in text and "add_tokens: 2" in text  # config that merely mentions tokens stays
+
+
+def test_free_form_dict_sections_accept_their_own_keys(tmp_path):
+    cfg = load_config(overrides=["monitor.signal_weights.loss=2.0"])
+    assert cfg.monitor.signal_weights["loss"] == 2.0
+    with pytest.raises(ConfigError, match="monitor.signal_weight"):
+        load_config(overrides=["monitor.signal_weight.loss=2.0"])

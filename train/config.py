@@ -342,12 +342,16 @@ class Config:
 
 
 def _schema_keys(node: Any, prefix: str = "") -> set[str]:
+    """Every valid dotted key; a free-form dict field (e.g. monitor.signal_weights) ends in ".*"."""
     keys = set()
     for key, value in node.items():
         path = f"{prefix}{key}"
         keys.add(path)
         if isinstance(value, DictConfig):
-            keys |= _schema_keys(value, path + ".")
+            if OmegaConf.get_type(value) is dict:
+                keys.add(path + ".*")
+            else:
+                keys |= _schema_keys(value, path + ".")
     return keys
 
 
@@ -363,7 +367,9 @@ def _layer_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _check_keys(layer: DictConfig, valid: set[str], origin: str) -> None:
     for key in _layer_keys(layer):
-        if key not in valid:
+        parts = key.split(".")
+        inside_free_dict = any(".".join(parts[:i]) + ".*" in valid for i in range(1, len(parts)))
+        if key not in valid and not inside_free_dict:
             close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{key}' in {origin}{hint}")
