@@ -36,7 +36,7 @@ def test_unwarmed_bins_give_nan():
 
 
 def test_ledger_flags_outliers_with_hysteresis():
-    ledger = Ledger(100, ["a"], [1.0], FlagPolicy(policy="zscore", min_obs=2, on=3.0, off=1.0))
+    ledger = Ledger(100, ["a"], [1.0], FlagPolicy(policy="zscore", min_obs=2, raise_at=3.0, clear_at=1.0))
     rng = np.random.default_rng(0)
     slots = np.arange(100)
     for step in range(4):
@@ -48,7 +48,7 @@ def test_ledger_flags_outliers_with_hysteresis():
 
 
 def test_absolute_policy_hysteresis_keeps_a_flag_between_off_and_on():
-    ledger = Ledger(1, ["a"], [1.0], FlagPolicy(policy="absolute", min_obs=1, on=3.0, off=1.0))
+    ledger = Ledger(1, ["a"], [1.0], FlagPolicy(policy="absolute", min_obs=1, raise_at=3.0, clear_at=1.0))
     ledger.update(np.array([0]), np.array([[2.0]], np.float32), 0)
     assert not ledger.flagged[0]  # 2.0 < on
     ledger.update(np.array([0]), np.array([[6.0]], np.float32), 1)  # mean 4.0

@@ -169,8 +169,9 @@ class ValidationConfig:
 class FlagConfig:
     policy: str = "zscore"  # zscore | quantile | absolute (see train/monitor/ledger.py)
     min_obs: int = 2
-    on: float = 3.0
-    off: float = 2.0
+    # named raise_at/clear_at, not on/off: YAML reads a bare `on:` key as the boolean true
+    raise_at: float = 3.0  # flag when the score (zscore: its z; absolute: itself) reaches this
+    clear_at: float = 2.0  # ... and keep the flag until it falls below this (hysteresis)
     quantile: float = 0.02
     quantile_off: float = 0.04
 
@@ -471,8 +472,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"monitor.be_mode must be probe or drawn, got {mon.be_mode!r}")
     if mon.flag.policy not in ("zscore", "quantile", "absolute"):
         raise ConfigError(f"monitor.flag.policy must be zscore, quantile or absolute, got {mon.flag.policy!r}")
-    if mon.flag.off > mon.flag.on and mon.flag.policy != "quantile":
-        raise ConfigError("monitor.flag.off must be <= monitor.flag.on (hysteresis)")
+    if mon.flag.clear_at > mon.flag.raise_at and mon.flag.policy != "quantile":
+        raise ConfigError("monitor.flag.clear_at must be <= monitor.flag.raise_at (hysteresis)")
     if not 0 < mon.flag.quantile <= mon.flag.quantile_off < 1:
         raise ConfigError("need 0 < monitor.flag.quantile <= monitor.flag.quantile_off < 1")
     if min(mon.probe_every, mon.t_bins) < 1 or mon.magnitude_every < 0:

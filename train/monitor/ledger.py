@@ -6,7 +6,7 @@ that save to safetensors and load memory-mapped. Per sample and signal we keep t
 mean and max of the oriented z (half precision: flags do not need more), plus observations, the
 last step seen, the combined score, the flag and the step it was first raised.
 
-Flags follow a policy with hysteresis (on above ``on``, off only below ``off``) so a sample near
+Flags follow a policy with hysteresis (raised at ``raise_at``, cleared only below ``clear_at``) so a sample near
 the threshold does not flip every step:
 - ``zscore``: the score's z against all scored samples (population sums kept incrementally),
 - ``quantile``: the top fraction of scored samples (a fixed-bin histogram kept incrementally),
@@ -29,8 +29,8 @@ HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-
 class FlagPolicy:
     policy: str = "zscore"  # zscore | quantile | absolute
     min_obs: int = 2  # observations before a sample can be scored and flagged
-    on: float = 3.0  # zscore: z of the score; absolute: the score itself
-    off: float = 2.0
+    raise_at: float = 3.0  # zscore: z of the score; absolute: the score itself
+    clear_at: float = 2.0
     quantile: float = 0.02  # quantile policy: flag the top 2% ...
     quantile_off: float = 0.04  # ... and keep them flagged while in the top 4%
 
@@ -108,7 +108,7 @@ class Ledger:
         """(on, off) on the score scale, from the policy and the current population."""
         p = self.policy
         if p.policy == "absolute":
-            return p.on, p.off
+            return p.raise_at, p.clear_at
         if p.policy == "quantile":
             return self._quantile(p.quantile), self._quantile(p.quantile_off)
         n, s, ss = self.pop
@@ -116,7 +116,7 @@ class Ledger:
             return np.inf, np.inf
         mean = s / n
         std = max(np.sqrt(max(ss / n - mean ** 2, 0.0)), 1e-6)
-        return mean + p.on * std, mean + p.off * std
+        return mean + p.raise_at * std, mean + p.clear_at * std
 
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
