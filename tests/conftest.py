@@ -82,3 +82,17 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def run_on_two_ranks(module: str, function: str, *args) -> None:
+    """Run ``module.function(*args)`` on two gloo ranks (accelerate's debug_launcher) in a FRESH
+    interpreter: debug_launcher forks, and a fork of a process whose OpenMP pool already ran (as
+    pytest's has, after any earlier test) can deadlock in the child's first torch op."""
+    import subprocess
+
+    code = (f"from accelerate import debug_launcher\nimport {module} as m\n"
+            f"debug_launcher(m.{function}, args={args!r}, num_processes=2)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, fast_overrides, read_metrics
+from conftest import REPO, fast_overrides, read_metrics, run_on_two_ranks
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -76,6 +76,4 @@ def _diverge(perturb: bool):
 
 @pytest.mark.parametrize("perturb", [False, True])
 def test_weights_divergence_sees_one_changed_weight(perturb):
-    from accelerate import debug_launcher
-
-    debug_launcher(_diverge, args=(perturb,), num_processes=2)
+    run_on_two_ranks("test_distributed", "_diverge", perturb)

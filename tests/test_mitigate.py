@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fast_overrides, make_imagefolder, read_metrics
+from conftest import fast_overrides, make_imagefolder, read_metrics, run_on_two_ranks
 from omegaconf import OmegaConf
 
 from train.config import CaptionMitigationConfig, WeightMitigationConfig
@@ -172,9 +172,7 @@ def _one_rank_drops_everything():
 
 
 def test_a_rank_that_drops_every_sample_does_not_hang_ddp():
-    from accelerate import debug_launcher
-
-    debug_launcher(_one_rank_drops_everything, num_processes=2)
+    run_on_two_ranks("test_mitigate", "_one_rank_drops_everything")
 
 
 def test_regularizer_gradient_reaches_attention_weights():

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import fast_overrides
+from conftest import fast_overrides, run_on_two_ranks
 
 from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
 from train.monitor.signals import be_signals, magnitude_signals, token_signals
@@ -146,9 +146,7 @@ def _ranks_keep_identical_ledgers():
 
 
 def test_ledger_is_identical_on_two_gloo_ranks():
-    from accelerate import debug_launcher
-
-    debug_launcher(_ranks_keep_identical_ledgers, num_processes=2)
+    run_on_two_ranks("test_monitor", "_ranks_keep_identical_ledgers")
 
 
 def test_resume_restores_the_ledger_exactly(tmp_path, cache_dir):
