@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -548,6 +548,3 @@ def parse_args(argv: list[str] | None) -> DictConfig:
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides)
 
-
-def as_list(node: Any) -> list:
-    return list(node) if isinstance(node, (ListConfig, list, tuple)) else [node]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -96,6 +96,3 @@ class CaptionPerturber:
             for sid in sample_ids]).to(text_emb.device, text_emb.dtype)
         return text_emb + scale * noise * mask.to(text_emb.device, text_emb.dtype)[:, None, None]
 
-
-def flagged_or_none(flags: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
-    return flags if flags is not None else torch.zeros(batch_size, dtype=torch.bool)
