@@ -138,10 +138,13 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, rng: torch
 
     if accelerator.is_main_process:
         fsync_tree(tmp)
-        if final.exists():  # the same step saved before a crash and now again
-            shutil.rmtree(final)
+        stale = root / f".old-checkpoint-{state.step}"
+        if final.exists():  # the same step saved before (a resume re-reached it): move it aside
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)  # until the new one is in place, so a kill here loses nothing
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
+        shutil.rmtree(stale, ignore_errors=True)
         _fsync_dir(root)
         if total_limit:
             for old in complete_checkpoints(output_dir)[:-total_limit]:

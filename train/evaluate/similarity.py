@@ -22,6 +22,8 @@ matrix products over blocks of the feature bank.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import logging
 import os
@@ -156,7 +158,7 @@ class Match:
     score: np.ndarray  # float [N]: nL2 (pixel, lower = closer) or cosine (SSCD, higher = closer)
 
 
-class SimilarityBackend:
+class SimilarityBackend(abc.ABC):
     """``features`` turns images into rows; ``match`` finds each query's nearest bank row."""
 
     name = "base"
@@ -164,12 +166,13 @@ class SimilarityBackend:
     default_threshold = 0.5
     score_name = "score"
 
+    @abc.abstractmethod
     def key(self) -> str:
         """Identifies the features (backend, model file, preprocessing) in cache names."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def features(self, images: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """[N, H, W, 3] uint8 images -> [N, D] feature rows."""
 
     def match(self, query: np.ndarray, bank: np.ndarray) -> Match:
         values, index = topk_neighbours(query, bank, 1, "cosine")
