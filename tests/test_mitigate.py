@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from omegaconf import OmegaConf
 
 from train.config import CaptionMitigationConfig, WeightMitigationConfig
 from train.mitigate.captions import CaptionPerturber
-from train.mitigate.weights import dedup_weights, flag_weights
+from train.mitigate.weights import dedup_weights, flag_weights, region_dedup_weights
 from train.models import byte_level_tokenizer
 
 CAPTION = "a small red circle on a blue background"
@@ -128,6 +130,36 @@ def test_dedup_weights_group_copies_also_resized(tmp_path):
     weights = dedup_weights(table, "image", tmp_path / "cache")
     by_id = dict(zip(table["sample_id"], weights.tolist()))
     assert by_id == {"id-0": pytest.approx(1 / 3), "id-1": pytest.approx(1 / 3), "id-2": pytest.approx(1 / 3), "id-3": 1.0}
+
+
+def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
+    """Six different noise images carry one stamp in the same corner: they weigh 1/6. Four repeats
+    of one image are one distinct image (whole-image repeats are dedup_weights' job), so they and
+    the plain images weigh 1; a stamp shared by fewer images than min_count is ignored."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    stamp = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    folder = tmp_path / "d"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for i in range(13):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        if i < 6:
+            pixels[:8, 24:] = stamp
+        if i >= 9:  # rows 9-12 are one image
+            pixels = np.asarray(Image.open(folder / "img" / "9.png")) if i > 9 else pixels
+        Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
+        rows.append({"file_name": f"img/{i}.png", "text": f"image {i}", "sample_id": f"id-{i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
+        "image", datasets.Image(decode=False))
+    by_id = dict(zip(table["sample_id"], region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4,
+                                                              min_count=3).tolist()))
+    assert by_id == {**{f"id-{i}": pytest.approx(1 / 6) for i in range(6)}, **{f"id-{i}": 1.0 for i in range(6, 13)}}
+    strict = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=7)
+    assert strict.tolist() == [1.0] * 13
 
 
 def test_zero_weight_samples_contribute_exactly_zero_gradient():

@@ -234,6 +234,11 @@ class WeightMitigationConfig:
     score_on: float = 1.0
     start_step: int = 0
     dedup: bool = False  # weight 1 / (perceptual-hash group size); needs no monitor
+    # region de-duplication (local copies: a stamp/logo in a fixed place on many images):
+    # weight 1 / (rows sharing one of the row's non-flat tiles, when >= region_min_count)
+    dedup_regions: bool = False
+    region_tiles: int = 8  # tiles per side of the training-resolution image
+    region_min_count: int = 20
 
 
 @dataclass
@@ -496,8 +501,14 @@ def validate(cfg: DictConfig) -> None:
     regularizes = any(mit.regularize[t] > 0 for t in ("be_mass", "entropy", "start_token"))
     if (uses_flags or regularizes) and not mon.enabled:
         raise ConfigError("flag-targeted mitigations and attention regularizers need the monitor: set monitor.enabled=true")
-    if mit.weights.dedup and d.source == "webdataset":
-        raise ConfigError("mitigate.weights.dedup needs the whole data set up front; it is not available for webdataset streams")
+    for key in ("dedup", "dedup_regions"):
+        if mit.weights[key] and d.source == "webdataset":
+            raise ConfigError(f"mitigate.weights.{key} needs the whole data set up front; it is not available for "
+                              "webdataset streams")
+    if mit.weights.dedup_regions and (mit.weights.region_tiles < 1 or d.resolution % mit.weights.region_tiles
+                                      or mit.weights.region_min_count < 2):
+        raise ConfigError(f"mitigate.weights.region_tiles must divide data.resolution ({d.resolution}) and "
+                          f"region_min_count must be >= 2 (got {mit.weights.region_tiles}, {mit.weights.region_min_count})")
     validate_eval(cfg.eval)
     if cfg.eval.every and d.source == "webdataset":
         raise ConfigError("eval.every needs the training set as a table (nearest training images); "

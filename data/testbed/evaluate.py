@@ -11,7 +11,8 @@
    (prompt, seed), so an image does not depend on how prompts are batched.
 3. Measures (all from :mod:`data.testbed.measures`):
    * replica threshold = :func:`calibrate_threshold` (5% quantile) of the calibration
-     generations' nearest-training-image pixel RMSE; a generation is a replica when its nearest
+     generations' pixel RMSE to their nearest *clean* training image (a clean prompt that
+     regurgitates a planted image must not lower the bar); a generation is a replica when its nearest
      training image is its own source and closer than that (:func:`replica_flags`);
    * region threshold per local group = the same quantile of the calibration generations'
      :func:`masked_distance` to the group's stamp; a local-row generation is a local replica
@@ -40,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, pixel_distance,
+from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, pixel_distance,
                                    replica_flags)
 from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images
 
@@ -159,7 +160,14 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     result = replica_flags(flat, own, train.images, train.source_ids, np.inf)
     nn_index, nn_distance = result.nn_index.reshape(P, S), result.nn_distance.reshape(P, S)
     nn_is_own = (result.nn_source_id == np.asarray(own, dtype=object)).reshape(P, S)
-    threshold = calibrate_threshold(nn_distance[calib], quantile)
+    # Calibrate on how close clean prompts come to *clean* training images. A clean prompt that
+    # regurgitates a planted image is leakage of the memorization being measured, not chance
+    # similarity; counting it would let memorization lower its own threshold.
+    clean_train = np.asarray(train.groups) == "clean"
+    if not clean_train.any():
+        raise ValueError("score: the testbed has no clean training images to calibrate on")
+    _, calib_distance = nearest(images[calib].reshape(-1, *images.shape[2:]), train.images[clean_train])
+    threshold = calibrate_threshold(calib_distance, quantile)
     replica = nn_is_own & (nn_distance < threshold)
 
     # Stamps: one (own image, mask) per local group; every local image carries the same stamp pixels.
@@ -314,17 +322,28 @@ def testbed_of_run(model: str | Path) -> Path:
 
 def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,
              guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 64, seed: int = 0,
-             batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing") -> dict:
+             batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing",
+             rescore: bool = False) -> dict:
     root = Path(testbed) if testbed else testbed_of_run(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     resolution = int(read_manifest(root)["params"]["resolution"])
     prompts = select_prompts(root, local_per_group, n_clean, seed)
     start = time.perf_counter()
-    pipe = load_pipeline(model, spacing)
-    images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
-    gen_seconds = time.perf_counter() - start
-    np.savez_compressed(out / "generations.npz", images=(images * 255).round().astype(np.uint8))
+    saved = out / "generations.npz"
+    if rescore:  # the measures changed, the model did not: score the saved images again
+        if not saved.is_file():
+            raise FileNotFoundError(f"--rescore: no {saved} from an earlier evaluation")
+        images = np.load(saved)["images"].astype(np.float32) / 255.0
+        if images.shape[:2] != (len(prompts), seeds):
+            raise ValueError(f"--rescore: {saved} holds {images.shape[:2]} (prompts, seeds), the settings give "
+                             f"{(len(prompts), seeds)}; pass the settings of the earlier evaluation")
+        gen_seconds = json.loads((out / "eval.json").read_text())["generation_seconds"] if (out / "eval.json").is_file() else None
+    else:
+        pipe = load_pipeline(model, spacing)
+        images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
+        gen_seconds = round(time.perf_counter() - start, 1)
+        np.savez_compressed(saved, images=(images * 255).round().astype(np.uint8))
     result = score(images, prompts, root, quantile)
     shown = picture_grid(images, prompts, root, out / "grid.png", grid_rows, evaluation=result)
     g = result["groups"]
@@ -339,7 +358,7 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
                            "local_per_group": local_per_group, "n_clean": n_clean, "seed": seed,
                            "resolution": resolution},
-              "generation_seconds": round(gen_seconds, 1), **result, "grid": {"file": "grid.png", "rows": shown}}
+              "generation_seconds": gen_seconds, **result, "grid": {"file": "grid.png", "rows": shown}}
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
@@ -361,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-rows", type=int, default=4, help="grid rows per group")
     p.add_argument("--spacing", default="trailing", choices=("trailing", "leading", "linspace"),
                    help="DDIM timestep spacing")
+    p.add_argument("--rescore", action="store_true",
+                   help="score OUT/generations.npz of an earlier run again instead of generating")
     a = p.parse_args(argv)
     result = evaluate(a.model, a.testbed, a.out, a.seeds, a.steps, a.guidance, a.local_per_group, a.clean,
-                      a.seed, a.batch, a.grid_rows, a.quantile, a.spacing)
+                      a.seed, a.batch, a.grid_rows, a.quantile, a.spacing, a.rescore)
     print(json.dumps({"summary": result["summary"], "thresholds": result["thresholds"],
                       "generation_seconds": result["generation_seconds"],
                       "groups": {k: {kk: v for kk, v in d.items()} for k, d in result["groups"].items()}}, indent=1))

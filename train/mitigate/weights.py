@@ -1,4 +1,4 @@
-"""Per-sample loss weights: down-weight or drop what the monitor flags, or de-duplicate by image hash.
+"""Per-sample loss weights: down-weight or drop what the monitor flags, or de-duplicate by image or region hash.
 
 A dropped sample gets weight 0 and stays in the batch: every rank runs the same forward and
 backward whatever it drops, so DDP/DeepSpeed collectives never wait on a rank that skipped.
@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,8 @@ def dhash(image: Image.Image, size: int = 8) -> int:
     return int(np.packbits(bits).view(">u8")[0]) if size == 8 else int("".join(map(str, bits.astype(int))), 2)
 
 
-def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path] = None) -> np.ndarray:
-    """1 / (size of the sample's perceptual-hash group), per row; cached by the data's fingerprint.
-
-    Needs no monitor: duplicates are known from the data alone (the classic fix for global copies).
-    """
-    fingerprint = hashlib.sha256(f"{table._fingerprint}:{image_column}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir).expanduser() / "dedup" / f"{fingerprint}.json"
-    if cache.is_file():
-        return np.asarray(json.loads(cache.read_text()), dtype=np.float32)
-    hashes = []
+def _images(table, image_column: str, root: Optional[Path]):
+    """Each row's image (None when unreadable: the loader skips it anyway)."""
     for value in table[image_column]:
         try:
             if isinstance(value, dict) and value.get("bytes"):
@@ -59,14 +51,86 @@ def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path
             else:
                 path = Path(value["path"] if isinstance(value, dict) else value)
                 image = Image.open(root / path if root is not None and not path.is_absolute() else path)
-            hashes.append(dhash(image))
+            image.load()
+            yield image
         except (OSError, ValueError, KeyError):
-            hashes.append(-1 - len(hashes))  # unreadable: its own group (the loader skips it anyway)
-    _, inverse, counts = np.unique(np.asarray(hashes, dtype=object).astype(str), return_inverse=True, return_counts=True)
-    weights = (1.0 / counts[inverse]).astype(np.float32)
+            yield None
+
+
+def _cached(cache_dir: Path, key: str, compute) -> np.ndarray:
+    cache = Path(cache_dir).expanduser() / "dedup" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if cache.is_file():
+        return np.asarray(json.loads(cache.read_text()), dtype=np.float32)
+    weights = np.asarray(compute(), dtype=np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(weights.tolist()))
     tmp.replace(cache)
-    log.info("de-duplication: %d rows in %d perceptual-hash groups", len(weights), len(counts))
     return weights
+
+
+def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path] = None) -> np.ndarray:
+    """1 / (size of the sample's perceptual-hash group), per row; cached by the data's fingerprint.
+
+    Needs no monitor: duplicates are known from the data alone (the classic fix for global copies).
+    """
+    def compute():
+        hashes = [dhash(image) if image is not None else -1 - i
+                  for i, image in enumerate(_images(table, image_column, root))]
+        _, inverse, counts = np.unique(np.asarray(hashes, dtype=object).astype(str), return_inverse=True,
+                                       return_counts=True)
+        log.info("de-duplication: %d rows in %d perceptual-hash groups", len(hashes), len(counts))
+        return 1.0 / counts[inverse]
+
+    return _cached(cache_dir, f"{table._fingerprint}:{image_column}", compute)
+
+
+def tile_signatures(image: Image.Image, resolution: int, tiles: int, min_std: float = 0.05) -> list[tuple]:
+    """(row, column, quantized pixels) of every non-flat tile of the image as the trainer sees it
+    (resized and centre-cropped to ``resolution``, cut into ``tiles`` x ``tiles``).
+
+    Tiles without two-dimensional structure (a white background, a solid fill, a straight edge
+    or stripe, a one-way gradient) are shared by many unrelated images (every flag has the same
+    border) and carry nothing that could be copied, so they are left out: what remains after
+    removing each row's and each column's mean must vary. 16 levels per channel absorb
+    re-encoding noise.
+    """
+    view = np.asarray(ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.BICUBIC),
+                      dtype=np.float32) / 255.0
+    side = resolution // tiles
+    out = []
+    for r in range(tiles):
+        for c in range(tiles):
+            tile = view[r * side:(r + 1) * side, c * side:(c + 1) * side]
+            residual = tile - tile.mean(0, keepdims=True) - tile.mean(1, keepdims=True) + tile.mean((0, 1), keepdims=True)
+            if residual.std() >= min_std:
+                out.append((r, c, (tile * 15).round().astype(np.uint8).tobytes()))
+    return out
+
+
+def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: Path, root: Optional[Path] = None,
+                         tiles: int = 8, min_count: int = 20) -> np.ndarray:
+    """De-duplication of *regions*: 1 / (the largest number of distinct images that share one of
+    this row's tiles at the same place), counting only tiles shared by at least ``min_count``
+    distinct images; 1 elsewhere.
+
+    Local copies (a logo, a stamp, a watermark in a fixed place on many different images) are
+    invisible to whole-image hashes; here the 30 images that carry one stamp count as one image.
+    Repeats of one whole image are one distinct image (that is :func:`dedup_weights`' job; a
+    repeated image whose tile happens to match a few others must not drag them down with it).
+    Tiles are compared at a fixed position: a region that moves between images is not found.
+    """
+    def compute():
+        rows = [frozenset(tile_signatures(image, resolution, tiles)) if image is not None else frozenset()
+                for image in _images(table, image_column, root)]
+        counts: dict[tuple, int] = {}
+        for signatures in set(rows):  # distinct images: repeats of one image are not a shared region
+            for sig in signatures:
+                counts[sig] = counts.get(sig, 0) + 1
+        shared = [max([counts[sig] for sig in signatures if counts[sig] >= min_count], default=1)
+                  for signatures in rows]
+        log.info("region de-duplication: %d of %d rows share a tile with >= %d rows",
+                 sum(n > 1 for n in shared), len(rows), min_count)
+        return 1.0 / np.asarray(shared, dtype=np.float64)
+
+    return _cached(cache_dir, f"{table._fingerprint}:{image_column}:regions:{resolution}:{tiles}:{min_count}", compute)
