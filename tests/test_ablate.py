@@ -115,11 +115,13 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     assert c["captions_gn"].embedding_noise > 0 and c["captions_word_dropout"].drop_word_p > 0
     assert cfg["downweight_flagged"].mitigate.weights.mode == "downweight"
     assert cfg["drop_flagged"].mitigate.weights.mode == "drop" and cfg["dedup"].mitigate.weights.dedup
+    assert cfg["drop_flagged"].monitor.flag.policy == "absolute"  # the detector that works on this testbed
+    assert cfg["dedup_regions"].mitigate.weights.dedup_regions and not cfg["dedup_regions"].mitigate.weights.dedup
     for term in ("be_mass", "entropy", "start_token"):
         assert cfg[f"reg_{term}"].mitigate.regularize[term] > 0
     none = cfg["none"].mitigate
     assert not none.weights.dedup and none.weights.mode == "none" and none.captions.replace_p == 0
-    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.regularize.target == "flagged"
+    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.weights.dedup_regions
     assert len({r.config_sha for r in grid.runs}) == len(grid.runs)  # start_token too (W&B redacts "token" keys)
 
 

@@ -132,27 +132,33 @@ def test_dedup_weights_group_copies_also_resized(tmp_path):
     assert by_id == {"id-0": pytest.approx(1 / 3), "id-1": pytest.approx(1 / 3), "id-2": pytest.approx(1 / 3), "id-3": 1.0}
 
 
-def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
-    """Six different noise images carry one stamp in the same corner: they weigh 1/6. Four repeats
-    of one image are one distinct image (whole-image repeats are dedup_weights' job), so they and
-    the plain images weigh 1; a stamp shared by fewer images than min_count is ignored."""
-    import datasets
+def stamped_folder(folder):
+    """13 noise images: rows 0-5 carry one 8x8 stamp in the top-right corner, rows 9-12 are one image."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     stamp = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    folder = tmp_path / "d"
     (folder / "img").mkdir(parents=True)
     rows = []
     for i in range(13):
         pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         if i < 6:
             pixels[:8, 24:] = stamp
-        if i >= 9:  # rows 9-12 are one image
-            pixels = np.asarray(Image.open(folder / "img" / "9.png")) if i > 9 else pixels
+        if i > 9:
+            pixels = np.asarray(Image.open(folder / "img" / "9.png"))
         Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
-        rows.append({"file_name": f"img/{i}.png", "text": f"image {i}", "sample_id": f"id-{i}"})
+        rows.append({"file_name": f"img/{i}.png", "text": f"image number {i}", "sample_id": f"id-{i}"})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
+    """The six stamped images weigh 1/6. Four repeats of one image are one distinct image
+    (whole-image repeats are dedup_weights' job), so they and the plain images weigh 1; a stamp
+    shared by fewer images than min_count is ignored."""
+    import datasets
+
+    folder = stamped_folder(tmp_path / "d")
     table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
         "image", datasets.Image(decode=False))
     by_id = dict(zip(table["sample_id"], region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4,
@@ -160,6 +166,20 @@ def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
     assert by_id == {**{f"id-{i}": pytest.approx(1 / 6) for i in range(6)}, **{f"id-{i}": 1.0 for i in range(6, 13)}}
     strict = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=7)
     assert strict.tolist() == [1.0] * 13
+
+
+def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir):
+    """Whole-image and region de-duplication together: the mean weight over the data set is
+    (6 x 1/6 + 3 x 1 + 4 x 1/4) / 13 = 5/13; one epoch of 13 rows in batches of 13 sees it exactly."""
+    from train.finetune import main
+
+    folder = stamped_folder(tmp_path / "d")
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 1,
+        "mitigate.weights.dedup": "true", "mitigate.weights.dedup_regions": "true",
+        "mitigate.weights.region_tiles": 4, "mitigate.weights.region_min_count": 3}))
+    weights = [r["mitig/mean_weight"] for r in read_metrics(run) if "mitig/mean_weight" in r]
+    assert weights == [pytest.approx(5 / 13, rel=1e-5)]
 
 
 def test_zero_weight_samples_contribute_exactly_zero_gradient():
