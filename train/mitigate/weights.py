@@ -129,7 +129,7 @@ def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: P
                 counts[sig] = counts.get(sig, 0) + 1
         shared = [max([counts[sig] for sig in signatures if counts[sig] >= min_count], default=1)
                   for signatures in rows]
-        log.info("region de-duplication: %d of %d rows share a tile with >= %d rows",
+        log.info("region de-duplication: %d of %d rows share a tile with >= %d distinct images",
                  sum(n > 1 for n in shared), len(rows), min_count)
         return 1.0 / np.asarray(shared, dtype=np.float64)
 
