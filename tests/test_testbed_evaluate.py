@@ -82,6 +82,25 @@ def test_training_images_as_generations_are_replicas(testbed, tmp_path):
     assert groups["local"]["replica_rate"] == 0.0
 
 
+
+def test_clean_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
+    """Calibration measures chance closeness to *clean* images: if every calibration generation
+    is a global image (leakage), global copies must still count as replicas."""
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    heldout = [load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")]
+    leaked = load_image(testbed, next(p.file_name for p in prompts if p.group == "global"))
+    images = np.zeros((len(prompts), 1, 16, 16, 3))
+    for i, p in enumerate(prompts):
+        if p.group == "global":
+            images[i, 0] = load_image(testbed, p.file_name)
+        elif p.role == "calibration":
+            images[i, 0] = leaked
+        else:
+            images[i, 0] = heldout[i % len(heldout)]
+    result = score(images, prompts, testbed)
+    assert result["thresholds"]["replica"] > 0.01
+    assert result["groups"]["global"]["replica_rate"] == 1.0
+
 def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     from tests.conftest import fast_overrides
     from train.finetune import main as train
