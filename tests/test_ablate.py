@@ -212,6 +212,11 @@ def test_tables_give_mean_and_std_over_seeds_and_the_goal(small_grid, tmp_path):
     assert file["global vs ref"] == "-95%" and file["local vs ref"] == "-90%" and file["KID vs ref"] == "+3%"
     assert file["meets goal"] == "yes" and both["meets goal"] == "no" and plain["meets goal"] == "—"
     assert "localization IoU" in header and "det. AUC global" in header
+    # the plot (matplotlib comes with the test extra): a real PNG with both panels' pixels
+    from PIL import Image
+
+    with Image.open(written["png"]) as plot:
+        assert plot.format == "PNG" and plot.width > plot.height > 300
 
 
 # ------------------------------------------------------------------------- real runs, resume
