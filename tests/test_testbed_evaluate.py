@@ -120,6 +120,15 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
         assert 0.0 <= result["summary"][key] <= 1.0
     assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6)
 
+    # --rescore scores the saved images again without the model: same numbers
+    (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    args = ["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--local-per-group", "1", "--clean", "6"]
+    assert main(args + ["--rescore"]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["summary"] == result["summary"] and again["generations"] == result["generations"]
+    with pytest.raises(ValueError, match="holds"):
+        main(args[:5] + ["3"] + args[6:] + ["--rescore"])  # 3 seeds asked, 2 saved
+
 
 def test_detection_table_reports_signals_and_baselines(tmp_path):
     """A ledger whose score separates planted from clean scores AUC 1; the token-count baseline

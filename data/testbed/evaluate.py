@@ -343,7 +343,9 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         pipe = load_pipeline(model, spacing)
         images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
         gen_seconds = round(time.perf_counter() - start, 1)
-        np.savez_compressed(saved, images=(images * 255).round().astype(np.uint8))
+        as_uint8 = (images * 255).round().astype(np.uint8)
+        np.savez_compressed(saved, images=as_uint8)
+        images = as_uint8.astype(np.float32) / 255.0  # score what is saved, so --rescore reproduces it
     result = score(images, prompts, root, quantile)
     shown = picture_grid(images, prompts, root, out / "grid.png", grid_rows, evaluation=result)
     g = result["groups"]
