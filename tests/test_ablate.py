@@ -106,7 +106,7 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     grid = ablate.load_grid(TESTBED, out="/tmp/never-written")
     assert grid.seeds == [0, 1, 2] and grid.reference == "none" and len(grid.runs) == 3 * len(grid.variants)
     cfg = {r.variant: r.cfg for r in grid.runs if r.seed == 0}
-    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 2500
+    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 7500
     c = {v: cfg[v].mitigate.captions for v in cfg}
     assert c["captions_mc"].multiple_captions and c["captions_mc"].target == "all"
     assert c["captions_mc_flagged"].multiple_captions and c["captions_mc_flagged"].target == "flagged"
