@@ -115,7 +115,8 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     assert c["captions_gn"].embedding_noise > 0 and c["captions_word_dropout"].drop_word_p > 0
     assert cfg["downweight_flagged"].mitigate.weights.mode == "downweight"
     assert cfg["drop_flagged"].mitigate.weights.mode == "drop" and cfg["dedup"].mitigate.weights.dedup
-    assert cfg["drop_flagged"].monitor.flag.policy == "absolute"  # the detector that works on this testbed
+    drop = cfg["drop_flagged"].monitor  # the detector that works on this testbed: loss score, absolute threshold
+    assert drop.flag.policy == "absolute" and drop.signal_weights["loss"] == 1.0 and drop.signal_weights["be_mass"] == 0
     assert cfg["dedup_regions"].mitigate.weights.dedup_regions and not cfg["dedup_regions"].mitigate.weights.dedup
     for term in ("be_mass", "entropy", "start_token"):
         assert cfg[f"reg_{term}"].mitigate.regularize[term] > 0

@@ -39,6 +39,7 @@ def test_later_files_and_overrides_win(tmp_path):
     (["data.resolution=30"], r"multiple of 8"),
     (["validation.every=5", "validation.prompts=[]"], r"validation\.prompts"),
     (["train.mixed_precision=fp8"], r"mixed_precision"),
+    (["mitigate.weights.dedup_regions=true", "mitigate.weights.region_tiles=5"], r"region_tiles must divide"),
     (["trainlr=1"], r"not of the form|unknown config key 'trainlr'"),
 ])
 def test_incompatible_or_bad_settings_fail_at_start(overrides, message):

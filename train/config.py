@@ -235,7 +235,7 @@ class WeightMitigationConfig:
     start_step: int = 0
     dedup: bool = False  # weight 1 / (perceptual-hash group size); needs no monitor
     # region de-duplication (local copies: a stamp/logo in a fixed place on many images):
-    # weight 1 / (rows sharing one of the row's non-flat tiles, when >= region_min_count)
+    # weight 1 / (distinct images sharing one of the row's non-flat tiles, when >= region_min_count)
     dedup_regions: bool = False
     region_tiles: int = 8  # tiles per side of the training-resolution image
     region_min_count: int = 20
