@@ -28,21 +28,26 @@ def testbed(tmp_path_factory) -> Path:
 
 
 def test_select_prompts(testbed):
-    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8, n_calibration=6)
     groups = [p.group for p in prompts]
     assert groups.count("global") == TINY["n_global"]  # one per distinct global image
     assert len({p.source_id for p in prompts if p.group == "global"}) == TINY["n_global"]
     assert groups.count("local") == 2 * TINY["n_local_groups"]
     assert groups.count("clean") == 8
-    assert sum(p.role == "calibration" for p in prompts) == 4  # half the clean prompts calibrate
+    # the held-out prompts (never trained) calibrate, every other prompt is scored
     heldout = {r["sample_id"] for r in read_rows(testbed, split="heldout")}
-    assert not heldout & {p.sample_id for p in prompts}
+    calibration = {p.sample_id for p in prompts if p.role == "calibration"}
+    assert len(calibration) == 6 and calibration <= heldout
+    assert all(p.role == "eval" for p in prompts if p.sample_id not in heldout)
+    assert select_prompts(testbed, 2, 8, 6, seed=1) != prompts  # another draw
+    with pytest.raises(ValueError, match="held-out prompts to calibrate"):
+        select_prompts(testbed, n_calibration=2)
 
 
 def test_training_images_as_generations_are_replicas(testbed, tmp_path):
     """A "model" that returns its training images copies: global prompts score replicas, a stamp
     pasted on an unrelated image scores a local replica, unrelated images score nothing."""
-    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8, n_calibration=8)
     heldout = [load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")]
     seeds = 2
     images = np.zeros((len(prompts), seeds, 16, 16, 3))
@@ -82,11 +87,24 @@ def test_training_images_as_generations_are_replicas(testbed, tmp_path):
     assert groups["local"]["replica_rate"] == 0.0
 
 
+def test_a_model_that_copies_every_clean_image_scores_a_clean_rate_of_one(testbed):
+    """The clean rate is a measurement, not the calibration quantile: the thresholds come from
+    held-out prompts, so copying every clean image gives 100% and not ~5%."""
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8, n_calibration=8)
+    heldout = {r["sample_id"]: load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")}
+    others = list(heldout.values())
+    images = np.stack([[load_image(testbed, p.file_name) if p.group == "clean" else others[(i + 1) % len(others)]]
+                       for i, p in enumerate(prompts)])
+    result = score(images, prompts, testbed)
+    assert result["groups"]["clean"]["replica_rate"] == 1.0
+    assert result["groups"]["global"]["replica_rate"] == 0.0
+    assert result["groups"]["heldout_calibration"]["prompts"] == 8
 
-def test_clean_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
+
+def test_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
     """Calibration measures chance closeness to *clean* images: if every calibration generation
     is a global image (leakage), global copies must still count as replicas."""
-    prompts = select_prompts(testbed, local_per_group=2, n_clean=8)
+    prompts = select_prompts(testbed, local_per_group=2, n_clean=8, n_calibration=8)
     heldout = [load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")]
     leaked = load_image(testbed, next(p.file_name for p in prompts if p.group == "global"))
     images = np.zeros((len(prompts), 1, 16, 16, 3))
@@ -111,18 +129,19 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
         "train.caption_dropout": 0.1, **knobs}))
     out = tmp_path / "eval"
     assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
-                 "--local-per-group", "1", "--clean", "6"]) == 0
+                 "--local-per-group", "1", "--clean", "6", "--calibration", "4"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert (out / "grid.png").is_file() and (out / "generations.npz").is_file()
     for value in result["summary"].values():
         assert value is not None
     for key in ("global_replica_rate", "local_replica_rate", "clean_replica_rate"):
         assert 0.0 <= result["summary"][key] <= 1.0
-    assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6)
+    assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6 + 4)
 
     # --rescore scores the saved images again without the model: same numbers
     (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    args = ["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--local-per-group", "1", "--clean", "6"]
+    args = ["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--local-per-group", "1", "--clean", "6",
+            "--calibration", "4"]
     assert main(args + ["--rescore"]) == 0
     again = json.loads((out / "eval.json").read_text())
     assert again["summary"] == result["summary"] and again["generations"] == result["generations"]

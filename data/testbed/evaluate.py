@@ -2,22 +2,25 @@
 
 ``python -m data.testbed.evaluate --model RUN/final [--testbed DIR] --out OUT [--seeds 4] [--steps 25] [--guidance 3]``
 
-1. Prompts: every distinct global prompt, ``--local-per-group`` local rows per local group and
-   ``--clean`` clean rows (seeded choice). The clean rows are split in two halves: the
-   *calibration* half sets the thresholds, the *evaluation* half is scored like the planted
-   prompts, so the clean rates are a measurement and not 5% by construction.
+1. Prompts: every distinct global prompt, ``--local-per-group`` local rows per local group,
+   ``--clean`` clean rows (scored like the planted prompts) and ``--calibration`` *held-out*
+   rows (seeded choices). The held-out prompts set the thresholds: their images were never
+   trained, so how close their generations come to a training image is what chance gives a
+   model that did not memorize that prompt. Every clean prompt is scored, so the clean rate is
+   a measurement of clean memorization; calibrating on clean prompts instead would make it
+   about 5% by construction (the scored and the calibration prompts would be exchangeable).
 2. Generations: ``StableDiffusionPipeline.from_pretrained`` with DDIM (trailing timesteps, so
    sampling starts from pure noise), ``--seeds`` images per prompt, one seeded generator per
    (prompt, seed), so an image does not depend on how prompts are batched.
 3. Measures (all from :mod:`data.testbed.measures`):
    * replica threshold = :func:`calibrate_threshold` (5% quantile) of the calibration
-     generations' pixel RMSE to their nearest *clean* training image (a clean prompt that
+     generations' pixel RMSE to their nearest *clean* training image (a prompt that
      regurgitates a planted image must not lower the bar); a generation is a replica when its nearest
      training image is its own source and closer than that (:func:`replica_flags`);
    * region threshold per local group = the same quantile of the calibration generations'
      :func:`masked_distance` to the group's stamp; a local-row generation is a local replica
      when its stamp region is closer than that and the whole image is not a replica
-     (:func:`is_local_replica`); clean evaluation generations are checked against every stamp;
+     (:func:`is_local_replica`); clean generations are checked against every stamp;
    * quality = KID (:func:`image_kid`, default :class:`PixelFeatures` extractor) between all
      clean-prompt generations and the held-out images, next to the KID of the clean training
      images themselves (what a perfect generator of the data would score).
@@ -45,19 +48,19 @@ from data.testbed.measures import (calibrate_threshold, image_kid, masked_distan
                                    replica_flags)
 from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images
 
-GROUP_ORDER = ("global", "local", "clean")
+GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
 
 
 @dataclass
 class Prompt:
     """One prompt to generate from, and what its generations are compared with."""
 
-    group: str             # global | local | clean
-    role: str              # "eval" | "calibration" (clean prompts only)
+    group: str             # global | local | clean | heldout
+    role: str              # "eval" (scored) | "calibration" (held-out prompts: set the thresholds)
     text: str
     sample_id: str
     source_id: str
-    file_name: str         # the own training image
+    file_name: str         # the own image (a training image, except for held-out prompts)
     mask_file: str | None  # local rows: the stamp mask
     local_group: int | None
 
@@ -66,9 +69,10 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "little")])
 
 
-def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 64, seed: int = 0) -> list[Prompt]:
+def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 64, n_calibration: int = 64,
+                   seed: int = 0) -> list[Prompt]:
     """Global: one prompt per distinct global image. Local: ``local_per_group`` rows per group.
-    Clean: ``n_clean`` rows, alternately assigned to calibration and evaluation."""
+    Clean: ``n_clean`` rows, all scored. Calibration: ``n_calibration`` held-out rows."""
     rows = read_rows(root, split="train")
 
     def prompt(row: dict, role: str = "eval") -> Prompt:
@@ -87,10 +91,14 @@ def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 64
         pick = _rng(seed, f"local-{g}").permutation(len(members))[:local_per_group]
         prompts += [prompt(members[int(i)]) for i in sorted(pick)]
     clean = [r for r in rows if r["group"] == "clean"]
-    if n_clean and len(clean) < 4:
-        raise ValueError(f"evaluate: the testbed has {len(clean)} clean rows; at least 4 are needed to calibrate")
     pick = _rng(seed, "clean").permutation(len(clean))[:n_clean]
-    prompts += [prompt(clean[int(i)], "calibration" if k % 2 == 0 else "eval") for k, i in enumerate(pick)]
+    prompts += [prompt(clean[int(i)]) for i in sorted(pick)]
+    heldout = read_rows(root, split="heldout")
+    if len(heldout) < 4 or n_calibration < 4:
+        raise ValueError(f"evaluate: {min(len(heldout), n_calibration)} held-out prompts to calibrate on; "
+                         f"at least 4 are needed (the testbed has {len(heldout)} held-out rows)")
+    pick = _rng(seed, "heldout").permutation(len(heldout))[:n_calibration]
+    prompts += [prompt(heldout[int(i)], "calibration") for i in sorted(pick)]
     return prompts
 
 
@@ -152,15 +160,15 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
         raise ValueError(f"score: generations are {images.shape[2:]}, training images {train.images.shape[1:]}")
     group = np.array([p.group for p in prompts])
     role = np.array([p.role for p in prompts])
-    calib = (group == "clean") & (role == "calibration")
+    calib = role == "calibration"
     if not calib.any():
-        raise ValueError("score: no clean calibration prompts")
+        raise ValueError("score: no calibration (held-out) prompts")
 
     own = [p.source_id for p in prompts for _ in range(S)]
     result = replica_flags(flat, own, train.images, train.source_ids, np.inf)
     nn_index, nn_distance = result.nn_index.reshape(P, S), result.nn_distance.reshape(P, S)
     nn_is_own = (result.nn_source_id == np.asarray(own, dtype=object)).reshape(P, S)
-    # Calibrate on how close clean prompts come to *clean* training images. A clean prompt that
+    # Calibrate on how close held-out prompts come to *clean* training images. A prompt that
     # regurgitates a planted image is leakage of the memorization being measured, not chance
     # similarity; counting it would let memorization lower its own threshold.
     clean_train = np.asarray(train.groups) == "clean"
@@ -213,8 +221,8 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
 
     groups = {"global": group_summary("global", group == "global"),
               "local": group_summary("local", group == "local"),
-              "clean": group_summary("clean", (group == "clean") & (role == "eval")),
-              "clean_calibration": group_summary("clean_calibration", calib)}
+              "clean": group_summary("clean", group == "clean"),
+              "heldout_calibration": group_summary("heldout_calibration", calib)}
 
     # Quality: all clean-prompt generations vs the held-out images.
     heldout = read_rows(root, split="heldout")
@@ -321,14 +329,14 @@ def testbed_of_run(model: str | Path) -> Path:
 
 
 def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,
-             guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 64, seed: int = 0,
+             guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 64, n_calibration: int = 64, seed: int = 0,
              batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing",
              rescore: bool = False) -> dict:
     root = Path(testbed) if testbed else testbed_of_run(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     resolution = int(read_manifest(root)["params"]["resolution"])
-    prompts = select_prompts(root, local_per_group, n_clean, seed)
+    prompts = select_prompts(root, local_per_group, n_clean, n_calibration, seed)
     start = time.perf_counter()
     saved = out / "generations.npz"
     if rescore:  # the measures changed, the model did not: score the saved images again
@@ -358,7 +366,8 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
     }
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
-                           "local_per_group": local_per_group, "n_clean": n_clean, "seed": seed,
+                           "local_per_group": local_per_group, "n_clean": n_clean,
+                           "n_calibration": n_calibration, "seed": seed,
                            "resolution": resolution},
               "generation_seconds": gen_seconds, **result, "grid": {"file": "grid.png", "rows": shown}}
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -375,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--local-per-group", type=int, default=6, help="local rows sampled per local group")
-    p.add_argument("--clean", type=int, default=64, help="clean rows sampled (half calibrate, half are scored)")
-    p.add_argument("--quantile", type=float, default=0.05, help="calibration quantile of clean distances")
+    p.add_argument("--clean", type=int, default=64, help="clean rows sampled and scored")
+    p.add_argument("--calibration", type=int, default=64, help="held-out rows whose generations set the thresholds")
+    p.add_argument("--quantile", type=float, default=0.05, help="calibration quantile of the held-out prompts' distances")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per pipeline call")
     p.add_argument("--grid-rows", type=int, default=4, help="grid rows per group")
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="score OUT/generations.npz of an earlier run again instead of generating")
     a = p.parse_args(argv)
     result = evaluate(a.model, a.testbed, a.out, a.seeds, a.steps, a.guidance, a.local_per_group, a.clean,
-                      a.seed, a.batch, a.grid_rows, a.quantile, a.spacing, a.rescore)
+                      a.calibration, a.seed, a.batch, a.grid_rows, a.quantile, a.spacing, a.rescore)
     print(json.dumps({"summary": result["summary"], "thresholds": result["thresholds"],
                       "generation_seconds": result["generation_seconds"],
                       "groups": {k: {kk: v for kk, v in d.items()} for k, d in result["groups"].items()}}, indent=1))
