@@ -69,7 +69,7 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "little")])
 
 
-def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 64, n_calibration: int = 64,
+def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 128, n_calibration: int = 100,
                    seed: int = 0) -> list[Prompt]:
     """Global: one prompt per distinct global image. Local: ``local_per_group`` rows per group.
     Clean: ``n_clean`` rows, all scored. Calibration: ``n_calibration`` held-out rows."""
@@ -329,7 +329,7 @@ def testbed_of_run(model: str | Path) -> Path:
 
 
 def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,
-             guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 64, n_calibration: int = 64, seed: int = 0,
+             guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 128, n_calibration: int = 100, seed: int = 0,
              batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing",
              rescore: bool = False) -> dict:
     root = Path(testbed) if testbed else testbed_of_run(model)
@@ -384,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--local-per-group", type=int, default=6, help="local rows sampled per local group")
-    p.add_argument("--clean", type=int, default=64, help="clean rows sampled and scored")
-    p.add_argument("--calibration", type=int, default=64, help="held-out rows whose generations set the thresholds")
+    p.add_argument("--clean", type=int, default=128, help="clean rows sampled and scored")
+    p.add_argument("--calibration", type=int, default=100,
+                   help="held-out rows whose generations set the thresholds (the recipe has 100)")
     p.add_argument("--quantile", type=float, default=0.05, help="calibration quantile of the held-out prompts' distances")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per pipeline call")
