@@ -423,3 +423,24 @@ def test_kid_on_images_penalizes_degenerate_outputs(builds):
     assert kid_real < image_kid(noise, real, extractor)
     assert kid_real < image_kid(grey, real, extractor)
     assert np.allclose(extractor(heldout), PixelFeatures()(heldout)), "the default extractor must be fixed"
+
+
+def test_kept_base_model_loads_and_follows_the_prompt():
+    """The base kept in the repo (configs/testbed/finetune.yaml starts from it) is a real
+    diffusers pipeline that generates images, and different prompts give different images."""
+    from omegaconf import OmegaConf
+
+    import torch
+
+    from data.testbed.evaluate import load_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    base = repo / OmegaConf.load(repo / "configs/testbed/finetune.yaml").model.pretrained
+    assert (base / "model_index.json").is_file(), base
+    pipe = load_pipeline(base)
+    prompts = ["a grinning face emoji, flat round yellow", "a flag of Japan emoji, white with a red disc"]
+    images = pipe(prompts, height=32, width=32, num_inference_steps=10, guidance_scale=3.0, output_type="np",
+                  generator=[torch.Generator().manual_seed(0) for _ in prompts]).images  # same noise for both
+    assert images.shape == (2, 32, 32, 3)
+    assert images.std(axis=(1, 2, 3)).min() > 0.05  # not a flat canvas
+    assert pixel_distance(images[0], images[1]) > 0.05  # only the text differs, and it changes the picture
