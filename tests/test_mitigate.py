@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from train.config import CaptionMitigationConfig, WeightMitigationConfig
 from train.mitigate.captions import CaptionPerturber
-from train.mitigate.weights import dedup_weights, flag_weights, region_dedup_weights
+from train.mitigate.weights import dedup_weights, flag_weights, loss_map, region_dedup_weights
 from train.models import byte_level_tokenizer
 
 CAPTION = "a small red circle on a blue background"
@@ -153,33 +153,62 @@ def stamped_folder(folder):
 
 
 def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
-    """The six stamped images weigh 1/6. Four repeats of one image are one distinct image
-    (whole-image repeats are dedup_weights' job), so they and the plain images weigh 1; a stamp
-    shared by fewer images than min_count is ignored."""
+    """The six stamped images weigh 1/6 under the stamp's tile (top right of 4x4) and 1 elsewhere.
+    Four repeats of one image are one distinct image (whole-image repeats are dedup_weights' job),
+    so they and the plain images weigh 1 everywhere; a stamp shared by fewer images than min_count
+    is ignored."""
     import datasets
 
     folder = stamped_folder(tmp_path / "d")
     table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
         "image", datasets.Image(decode=False))
-    by_id = dict(zip(table["sample_id"], region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4,
-                                                              min_count=3).tolist()))
-    assert by_id == {**{f"id-{i}": pytest.approx(1 / 6) for i in range(6)}, **{f"id-{i}": 1.0 for i in range(6, 13)}}
+    maps = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3)
+    stamped = np.ones((4, 4))
+    stamped[0, 3] = 1 / 6
+    for sample_id, weights in zip(table["sample_id"], maps):
+        expected = stamped if int(sample_id.split("-")[1]) < 6 else np.ones((4, 4))
+        np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=sample_id)
+    again = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3)  # from the cache
+    np.testing.assert_array_equal(again, maps)
     strict = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=7)
-    assert strict.tolist() == [1.0] * 13
+    assert (strict == 1).all()
 
 
-def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir):
-    """Whole-image and region de-duplication together: the mean weight over the data set is
-    (6 x 1/6 + 3 x 1 + 4 x 1/4) / 13 = 5/13; one epoch of 13 rows in batches of 13 sees it exactly."""
+def test_region_weights_scale_the_loss_only_under_the_shared_tile():
+    """An error confined to the stamp's tile counts 1/6; the same error elsewhere counts in full."""
+    from train.finetune import per_sample_loss
+
+    tile_map = torch.ones(2, 4, 4)
+    tile_map[:, 0, 3] = 1 / 6
+    where = loss_map(tile_map, (16, 16))
+    assert where.shape == (2, 1, 16, 16) and where[0, 0, :4, 12:].eq(1 / 6).all() and where[0, 0, 4:].eq(1).all()
+    target = torch.zeros(2, 4, 16, 16)
+    pred = target.clone()
+    pred[0, :, :4, 12:] = 1.0  # sample 0: error under the stamp
+    pred[1, :, 8:12, 0:4] = 1.0  # sample 1: the same amount of error on a tile of its own
+    plain = per_sample_loss(pred, target, torch.tensor([1, 1]), None, None)
+    weighted = per_sample_loss(pred, target, torch.tensor([1, 1]), None, None, where)
+    assert plain[0] == plain[1] == pytest.approx(1 / 16)
+    assert weighted.tolist() == [pytest.approx(1 / 96), pytest.approx(1 / 16)]
+
+
+@pytest.mark.parametrize("scope, expected", [
+    # image: (6 stamped x 1/6 + 3 plain x 1 + 4 repeats x 1/4) / 13; region: the stamped rows keep 15 of
+    # their 16 tiles in full and the stamp's at 1/6; one epoch of 13 rows in one batch sees it exactly
+    ("image", 5 / 13),
+    ("region", (6 * (15 + 1 / 6) / 16 + 3 + 4 / 4) / 13),
+])
+def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, expected):
     from train.finetune import main
 
     folder = stamped_folder(tmp_path / "d")
     run = main(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 1,
         "mitigate.weights.dedup": "true", "mitigate.weights.dedup_regions": "true",
-        "mitigate.weights.region_tiles": 4, "mitigate.weights.region_min_count": 3}))
+        "mitigate.weights.region_tiles": 4, "mitigate.weights.region_min_count": 3,
+        "mitigate.weights.region_scope": scope}))
     weights = [r["mitig/mean_weight"] for r in read_metrics(run) if "mitig/mean_weight" in r]
-    assert weights == [pytest.approx(5 / 13, rel=1e-5)]
+    assert weights == [pytest.approx(expected, rel=1e-5)]
 
 
 def test_zero_weight_samples_contribute_exactly_zero_gradient():

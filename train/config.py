@@ -234,11 +234,12 @@ class WeightMitigationConfig:
     score_on: float = 1.0
     start_step: int = 0
     dedup: bool = False  # weight 1 / (perceptual-hash group size); needs no monitor
-    # region de-duplication (local copies: a stamp/logo in a fixed place on many images):
-    # weight 1 / (distinct images sharing one of the row's non-flat tiles, when >= region_min_count)
+    # region de-duplication (local copies: a stamp/logo in a fixed place on many images): a
+    # non-flat tile shared at one place by >= region_min_count distinct images weighs 1 / (their number)
     dedup_regions: bool = False
     region_tiles: int = 8  # tiles per side of the training-resolution image
     region_min_count: int = 20
+    region_scope: str = "region"  # region: weight the loss under the shared tiles | image: whole rows
 
 
 @dataclass
@@ -509,6 +510,8 @@ def validate(cfg: DictConfig) -> None:
                                       or mit.weights.region_min_count < 2):
         raise ConfigError(f"mitigate.weights.region_tiles must divide data.resolution ({d.resolution}) and "
                           f"region_min_count must be >= 2 (got {mit.weights.region_tiles}, {mit.weights.region_min_count})")
+    if mit.weights.region_scope not in ("region", "image"):
+        raise ConfigError(f"mitigate.weights.region_scope must be region or image (got {mit.weights.region_scope!r})")
     validate_eval(cfg.eval)
     if cfg.eval.every and d.source == "webdataset":
         raise ConfigError("eval.every needs the training set as a table (nearest training images); "

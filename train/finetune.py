@@ -30,7 +30,7 @@ from train.config import ConfigError, parse_args, save_config
 from train.evaluate.hook import run_eval_hook
 from train.mitigate.captions import CaptionPerturber
 from train.mitigate.regularize import active_terms, attention_penalties
-from train.mitigate.weights import dedup_weights, flag_weights, region_dedup_weights
+from train.mitigate.weights import dedup_weights, flag_weights, loss_map, region_dedup_weights
 from train.monitor.monitor import LEDGER_FILE, Monitor
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.tracking import Tracker
@@ -145,9 +145,13 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.T
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
-                    snr_gamma: float | None) -> torch.Tensor:
-    """MSE per sample (never pre-reduced), optionally min-SNR weighted (Hang et al. 2023)."""
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+                    snr_gamma: float | None, where: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE per sample (never pre-reduced), optionally min-SNR weighted (Hang et al. 2023);
+    ``where`` (B, 1, h, w) weighs each latent position (region de-duplication)."""
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if where is not None:
+        error = error * where
+    loss = error.mean(dim=tuple(range(1, pred.ndim)))
     if snr_gamma:
         from diffusers.training_utils import compute_snr
 
@@ -266,13 +270,17 @@ def run(cfg: DictConfig) -> Path:
     if penalties_on:
         monitor.capture.with_grad = True  # the penalties backpropagate through the attention
     dedup = None  # data-only weights (no monitor): whole-image and region de-duplication
+    regions = None  # (rows, tiles, tiles): the loss weight under each tile, region_scope=region
     if mcfg.weights.dedup:
         dedup = torch.from_numpy(dedup_weights(data.table, data_cfg.image_column, cfg.model.cache_dir, data.root))
     if mcfg.weights.dedup_regions:
         regions = torch.from_numpy(region_dedup_weights(
             data.table, data_cfg.image_column, data_cfg.resolution, cfg.model.cache_dir, data.root,
             mcfg.weights.region_tiles, mcfg.weights.region_min_count))
-        dedup = regions if dedup is None else torch.minimum(dedup, regions)
+        if mcfg.weights.region_scope == "image":  # the whole row weighs what its most shared tile does
+            rows = regions.amin(dim=(1, 2))
+            dedup = rows if dedup is None else torch.minimum(dedup, rows)
+            regions = None
 
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -324,6 +332,10 @@ def run(cfg: DictConfig) -> Path:
             pred = unet(noisy, timesteps, text_emb, return_dict=False)[0]
             # 4. loss per sample; 5. signals -> gathered -> ledger (same on every rank), flags
             loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
+            # what is optimized: the same, weighted under shared regions (the monitor sees the plain loss)
+            where = loss_map(regions[batch["index"]], latents.shape[-2:]).to(device) if regions is not None else None
+            objective = (per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma, where)
+                         if where is not None else loss_vec)
             penalties = attention_penalties(mcfg.regularize, monitor.capture, timesteps) if penalties_on else {}
             if monitor is not None:
                 monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, timesteps,
@@ -353,7 +365,7 @@ def run(cfg: DictConfig) -> Path:
 
             # 6-7. reduce, backward, clip, step. A zero weight keeps the sample in the graph, so
             # every rank runs the same backward whatever it drops.
-            loss = (torch.where(weights > 0, loss_vec, torch.zeros_like(loss_vec)) * weights).mean() + reg_loss
+            loss = (torch.where(weights > 0, objective, torch.zeros_like(objective)) * weights).mean() + reg_loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
@@ -375,7 +387,7 @@ def run(cfg: DictConfig) -> Path:
         else:
             state.data = DataPosition(0, 0, state.micro_step)
         window["loss_sum"] += float(all_losses[finite].sum())
-        window["weight_sum"] += float(weights.sum())
+        window["weight_sum"] += float((weights * where.mean(dim=(1, 2, 3))).sum() if where is not None else weights.sum())
         window["perturbed"] += int(perturbed.sum())
         for name, term in penalties.items():
             window[f"mitig/{name}"] = window.get(f"mitig/{name}", 0.0) + float(term.detach().mean())

@@ -58,13 +58,15 @@ def _images(table, image_column: str, root: Optional[Path]):
 
 
 def _cached(cache_dir: Path, key: str, compute) -> np.ndarray:
-    cache = Path(cache_dir).expanduser() / "dedup" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    """``compute()``'s float32 array, kept in ``<cache>/dedup/`` as .npy (no pickles) by ``key``."""
+    cache = Path(cache_dir).expanduser() / "dedup" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if cache.is_file():
-        return np.asarray(json.loads(cache.read_text()), dtype=np.float32)
+        return np.load(cache, allow_pickle=False)
     weights = np.asarray(compute(), dtype=np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(weights.tolist()))
+    with open(tmp, "wb") as f:
+        np.save(f, weights, allow_pickle=False)
     tmp.replace(cache)
     return weights
 
@@ -110,12 +112,14 @@ def tile_signatures(image: Image.Image, resolution: int, tiles: int, min_std: fl
 
 def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: Path, root: Optional[Path] = None,
                          tiles: int = 8, min_count: int = 20) -> np.ndarray:
-    """De-duplication of *regions*: 1 / (the largest number of distinct images that share one of
-    this row's tiles at the same place), counting only tiles shared by at least ``min_count``
-    distinct images; 1 elsewhere.
+    """De-duplication of *regions*: per row, a ``tiles`` x ``tiles`` map holding, for each tile
+    shared at that place by at least ``min_count`` distinct images, 1 / (their number); 1 elsewhere.
 
     Local copies (a logo, a stamp, a watermark in a fixed place on many different images) are
-    invisible to whole-image hashes; here the 30 images that carry one stamp count as one image.
+    invisible to whole-image hashes; here the stamp of 30 images counts as one image's stamp.
+    The trainer weights the loss *where* the map says (the rest of each image trains in full:
+    many unrelated images share a plain outline, and removing them whole costs quality), or, with
+    ``region_scope: image``, weights whole rows by their map's minimum.
     Repeats of one whole image are one distinct image (that is :func:`dedup_weights`' job; a
     repeated image whose tile happens to match a few others must not drag them down with it).
     Tiles are compared at a fixed position: a region that moves between images is not found.
@@ -127,10 +131,20 @@ def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: P
         for signatures in set(rows):  # distinct images: repeats of one image are not a shared region
             for sig in signatures:
                 counts[sig] = counts.get(sig, 0) + 1
-        shared = [max([counts[sig] for sig in signatures if counts[sig] >= min_count], default=1)
-                  for signatures in rows]
+        maps = np.ones((len(rows), tiles, tiles), dtype=np.float64)
+        for i, signatures in enumerate(rows):
+            for r, c, pixels in signatures:
+                n = counts[(r, c, pixels)]
+                if n >= min_count:
+                    maps[i, r, c] = 1.0 / n
         log.info("region de-duplication: %d of %d rows share a tile with >= %d distinct images",
-                 sum(n > 1 for n in shared), len(rows), min_count)
-        return 1.0 / np.asarray(shared, dtype=np.float64)
+                 int((maps < 1).any(axis=(1, 2)).sum()), len(rows), min_count)
+        return maps
 
     return _cached(cache_dir, f"{table._fingerprint}:{image_column}:regions:{resolution}:{tiles}:{min_count}", compute)
+
+
+def loss_map(tile_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, tiles, tiles) region weights -> (B, 1, h, w) weights of each latent position (nearest:
+    each tile covers the latent positions under it; exact when the latent side is a multiple)."""
+    return torch.nn.functional.interpolate(tile_maps[:, None].float(), size=size, mode="nearest")
