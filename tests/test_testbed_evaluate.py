@@ -101,6 +101,23 @@ def test_a_model_that_copies_every_clean_image_scores_a_clean_rate_of_one(testbe
     assert result["groups"]["heldout_calibration"]["prompts"] == 8
 
 
+def test_clean_prompts_that_show_a_stamp_in_one_seed_set_the_any_seed_baseline(testbed):
+    """The chance baseline of a local prompt's "stamp in any seed": clean prompts whose first seed
+    shows local group 0's stamp count once for that stamp and never for the others."""
+    prompts = select_prompts(testbed, local_per_group=1, n_clean=8, n_calibration=8)
+    heldout = [load_image(testbed, r["file_name"]) for r in read_rows(testbed, split="heldout")]
+    stamped = next(r for r in read_rows(testbed, split="train") if r["group"] == "local" and r["local_group"] == 0)
+    stamp, mask = load_image(testbed, stamped["file_name"]), load_mask(testbed, stamped)
+    images = np.stack([[heldout[(i + k) % len(heldout)] for k in range(2)] for i in range(len(prompts))])
+    for i, p in enumerate(prompts):
+        if p.group == "clean":
+            images[i, 0] = np.where(mask[..., None], stamp, images[i, 0])
+    clean = score(images, prompts, testbed)["groups"]["clean"]
+    assert clean["local_replica_rate_any_seed"] == pytest.approx(1 / TINY["n_local_groups"])
+    assert clean["local_replica_rate_any_stamp"] == pytest.approx(0.5)  # seed 0 of each prompt
+    assert clean["local_replica_rate"] == pytest.approx(0.5 / TINY["n_local_groups"])
+
+
 def test_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
     """Calibration measures chance closeness to *clean* images: if every calibration generation
     is a global image (leakage), global copies must still count as replicas."""

@@ -216,6 +216,8 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
         if name == "clean" and stamps:
             per_stamp = clean_stamp[mask]  # (prompts, seeds, groups)
             out.update(local_replica_rate=_rate(per_stamp.mean(axis=2)),  # mean over stamps
+                       # the chance baseline of the local group's any-seed rate: one stamp, any of the seeds
+                       local_replica_rate_any_seed=_rate(per_stamp.any(axis=1).mean(axis=1)),
                        local_replica_rate_any_stamp=_rate(per_stamp.any(axis=2)))
         return out
 
