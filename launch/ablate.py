@@ -646,6 +646,7 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
 TABLE_COLUMNS = [
     ("global_replica_rate", "global replica rate"),
     ("local_replica_rate", "local replica rate"),
+    ("clean_replica_rate", "clean replica rate"),
     ("localization_iou", "localization IoU"),
     ("quality_kid", "KID (quality, lower better)"),
     ("det_auc_global", "det. AUC global"),
