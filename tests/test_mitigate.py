@@ -162,16 +162,30 @@ def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
     folder = stamped_folder(tmp_path / "d")
     table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
         "image", datasets.Image(decode=False))
-    maps = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3)
+    maps = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3, dilate=0)
     stamped = np.ones((4, 4))
     stamped[0, 3] = 1 / 6
-    for sample_id, weights in zip(table["sample_id"], maps):
-        expected = stamped if int(sample_id.split("-")[1]) < 6 else np.ones((4, 4))
-        np.testing.assert_allclose(weights, expected, rtol=1e-6, err_msg=sample_id)
-    again = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3)  # from the cache
+    widened = np.ones((4, 4))
+    widened[:2, 2:] = 1 / 6  # dilate=1: the stamp's tile and its three neighbours
+    dilated = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3, dilate=1)
+    for sample_id, exact, wide in zip(table["sample_id"], maps, dilated):
+        is_stamped = int(sample_id.split("-")[1]) < 6
+        np.testing.assert_allclose(exact, stamped if is_stamped else np.ones((4, 4)), rtol=1e-6, err_msg=sample_id)
+        np.testing.assert_allclose(wide, widened if is_stamped else np.ones((4, 4)), rtol=1e-6, err_msg=sample_id)
+    again = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=3, dilate=0)  # cached
     np.testing.assert_array_equal(again, maps)
     strict = region_dedup_weights(table, "image", 32, tmp_path / "c", tiles=4, min_count=7)
     assert (strict == 1).all()
+
+
+def test_min_filter_widens_low_weights_by_the_radius():
+    from train.mitigate.weights import min_filter
+
+    maps = np.ones((1, 5, 5))
+    maps[0, 2, 2] = 0.1
+    assert (min_filter(maps, 0) == maps).all()
+    assert np.argwhere(min_filter(maps, 1)[0] < 1).tolist() == [[r, c] for r in (1, 2, 3) for c in (1, 2, 3)]
+    assert (min_filter(maps, 2) == 0.1).all()
 
 
 def test_region_weights_scale_the_loss_only_under_the_shared_tile():
@@ -193,10 +207,11 @@ def test_region_weights_scale_the_loss_only_under_the_shared_tile():
 
 
 @pytest.mark.parametrize("scope, expected", [
-    # image: (6 stamped x 1/6 + 3 plain x 1 + 4 repeats x 1/4) / 13; region: the stamped rows keep 15 of
-    # their 16 tiles in full and the stamp's at 1/6; one epoch of 13 rows in one batch sees it exactly
+    # image: (6 stamped x 1/6 + 3 plain x 1 + 4 repeats x 1/4) / 13; region: the stamped rows keep 12 of
+    # their 16 tiles in full, the stamp's and its 3 neighbours' (region_dilate 1) at 1/6; one epoch of
+    # 13 rows in one batch sees it exactly
     ("image", 5 / 13),
-    ("region", (6 * (15 + 1 / 6) / 16 + 3 + 4 / 4) / 13),
+    ("region", (6 * (12 + 4 / 6) / 16 + 3 + 4 / 4) / 13),
 ])
 def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, expected):
     from train.finetune import main

@@ -239,6 +239,7 @@ class WeightMitigationConfig:
     dedup_regions: bool = False
     region_tiles: int = 8  # tiles per side of the training-resolution image
     region_min_count: int = 20
+    region_dilate: int = 1  # marked tiles pass their weight on to neighbours this many tiles away
     region_scope: str = "region"  # region: weight the loss under the shared tiles | image: whole rows
 
 
@@ -510,6 +511,8 @@ def validate(cfg: DictConfig) -> None:
                                       or mit.weights.region_min_count < 2):
         raise ConfigError(f"mitigate.weights.region_tiles must divide data.resolution ({d.resolution}) and "
                           f"region_min_count must be >= 2 (got {mit.weights.region_tiles}, {mit.weights.region_min_count})")
+    if mit.weights.region_dilate < 0:
+        raise ConfigError(f"mitigate.weights.region_dilate must be >= 0 (got {mit.weights.region_dilate})")
     if mit.weights.region_scope not in ("region", "image"):
         raise ConfigError(f"mitigate.weights.region_scope must be region or image (got {mit.weights.region_scope!r})")
     validate_eval(cfg.eval)

@@ -276,7 +276,7 @@ def run(cfg: DictConfig) -> Path:
     if mcfg.weights.dedup_regions:
         regions = torch.from_numpy(region_dedup_weights(
             data.table, data_cfg.image_column, data_cfg.resolution, cfg.model.cache_dir, data.root,
-            mcfg.weights.region_tiles, mcfg.weights.region_min_count))
+            mcfg.weights.region_tiles, mcfg.weights.region_min_count, mcfg.weights.region_dilate))
         if mcfg.weights.region_scope == "image":  # the whole row weighs what its most shared tile does
             rows = regions.amin(dim=(1, 2))
             dedup = rows if dedup is None else torch.minimum(dedup, rows)

@@ -138,6 +138,46 @@ def generate(pipe, texts: Sequence[str], seeds: int, resolution: int, steps: int
     return out
 
 
+def heldout_loss(pipe, root: str | Path, timesteps: int = 10, seed: int = 0, batch: int = 100) -> dict:
+    """The denoising loss on the held-out images (never trained) with their captions: the
+    training objective at ``timesteps`` evenly spaced t, with noise fixed by (seed, image, t).
+
+    Deterministic for a model, so two models are compared on the very same noisy inputs (no
+    sampling noise, unlike KID of generations); a mitigation that stops the model learning the
+    data distribution raises it, and it cannot be lowered by copying (the images were never seen).
+    """
+    import torch
+
+    from train.finetune import encode_text, per_sample_loss
+
+    rows = read_rows(root, split="heldout")
+    if not rows:
+        raise ValueError(f"{root}: no held-out rows for the held-out loss")
+    scheduler = pipe.scheduler
+    steps = scheduler.config.num_train_timesteps
+    grid = [int((k + 0.5) * steps / timesteps) for k in range(timesteps)]
+    per_t = np.zeros(timesteps)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            pixels = torch.from_numpy(np.stack([load_image(root, r["file_name"]) for r in chunk])).permute(0, 3, 1, 2)
+            latents = pipe.vae.encode(pixels * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+            text = encode_text(pipe.tokenizer, pipe.text_encoder, [r["text"] for r in chunk], latents.device)
+            for k, t in enumerate(grid):
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+                    int.from_bytes(hashlib.sha256(f"{seed}|{r['sample_id']}|{t}".encode()).digest()[:7], "little")))
+                    for r in chunk])
+                t_batch = torch.full((len(chunk),), t, dtype=torch.long)
+                noisy = scheduler.add_noise(latents, noise, t_batch)
+                target = (scheduler.get_velocity(latents, noise, t_batch)
+                          if scheduler.config.prediction_type == "v_prediction" else noise)
+                pred = pipe.unet(noisy, t_batch, text, return_dict=False)[0]
+                per_t[k] += float(per_sample_loss(pred, target, t_batch, scheduler, None).sum())
+    per_t /= len(rows)
+    return {"heldout_loss": float(per_t.mean()), "images": len(rows), "timesteps": grid,
+            "per_timestep": [float(x) for x in per_t]}
+
+
 # --------------------------------------------------------------------------------------------
 # Scoring (no model needed: give it any images, e.g. the training images themselves)
 # --------------------------------------------------------------------------------------------
@@ -357,6 +397,8 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         np.savez_compressed(saved, images=as_uint8)
         images = as_uint8.astype(np.float32) / 255.0  # score what is saved, so --rescore reproduces it
     result = score(images, prompts, root, quantile)
+    # fixed noise (not the draw's seed): every model and every draw is compared on the same inputs
+    result["quality"].update(heldout_loss(pipe if not rescore else load_pipeline(model, spacing), root))
     shown = picture_grid(images, prompts, root, out / "grid.png", grid_rows, evaluation=result)
     g = result["groups"]
     summary = {
@@ -365,6 +407,7 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         "clean_replica_rate": g["clean"]["replica_rate"],
         "clean_local_replica_rate": g["clean"].get("local_replica_rate"),
         "kid_clean_vs_heldout": result["quality"].get("kid_clean_generations_vs_heldout"),
+        "heldout_loss": result["quality"]["heldout_loss"],
     }
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
