@@ -24,6 +24,7 @@ A grid file::
     seeds: [0, 1, 2]                   # each run gets seed=<k>
     evaluate:                          # optional: how to score a finished run's final/ pipeline
       testbed: {seeds: 4, steps: 25}   # options of python -m data.testbed.evaluate (its flags, no dashes)
+                                       # and draws: N (N evaluations with --seed 0..N-1, averaged)
 
 Config files are paths relative to the repository root (or absolute). A run's config is what
 ``train/finetune.py`` builds from, in this order: configs/base.yaml, the base's files, the variant's
@@ -33,11 +34,13 @@ on, ``train.resume=latest`` when the run dir holds a checkpoint). Like the train
 line, every key=value beats every file. Every run's config is loaded and validated before
 anything runs, so a typo fails at once, naming the variant and the key.
 
-Each run: train (or resume), evaluate ``final/`` when ``evaluate`` says so (into ``<run>/eval``),
+Each run: train (or resume), evaluate ``final/`` when ``evaluate`` says so (into ``<run>/eval``, and
+``<run>/eval-seed<k>`` for the further draws of prompts and seeds),
 then write ``<run>/summary.json``: the final train loss and the median samples/s (metrics.jsonl);
 detection AUC and TPR at 1% FPR of the ledger score for each labelled group against the clean one,
 and the flagged share per group (ledger.parquet, when the data has ``monitor.label_column``); the
-replica rates, localization IoU (when the evaluation reports one) and KID (eval/eval.json); wall
+replica rates, localization IoU (when the evaluation reports one), KID and the held-out loss (the
+mean over the evaluation draws: eval/eval.json, eval-seed<k>/eval.json); wall
 times (ablate_times.json). A run with a ``summary.json`` is finished and skipped; delete the
 file to redo the summary (and the evaluation when ``final/`` is newer), delete the run dir to redo
 the training. Then ``<out>/results.csv`` (a row per run), ``<out>/results.md`` (a row per variant,
@@ -89,6 +92,7 @@ SUMMARY = "summary.json"
 # complete checkpoint is restarted from scratch only when its folder holds nothing else.
 RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "ledger.parquet", "final", "val", "wandb", "wandb_run_id",
              "eval", "train.log", "eval.log", "ablate_times.json", "summary.json"}
+EVAL_DRAW_RE = re.compile(r"^eval(-seed\d+)?(\.log)?$")  # eval/ and eval-seed<k>/ (more draws), their logs
 TIMES = "ablate_times.json"
 OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")  # key=value (anything else is a config file)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -200,7 +204,10 @@ def _parse_evaluate(node: Any) -> dict[str, dict]:
         options = {} if options in (None, True) else options
         if not isinstance(options, dict):
             raise GridError(f"evaluate.{kind} must map option names to values, got {options!r}")
-        known = _evaluate_options()
+        draws = options.get("draws", 1)
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+            raise GridError(f"evaluate.{kind}.draws must be a whole number >= 1, got {draws!r}")
+        known = _evaluate_options() | {"draws"}
         for key in options:
             key_ = str(key).replace("-", "_")
             if key_ not in known or key_ in ("model", "out"):
@@ -354,8 +361,17 @@ def final_file(run_dir: Path) -> Path:
     return run_dir / "final" / "model_index.json"
 
 
-def eval_file(run_dir: Path) -> Path:
-    return run_dir / "eval" / "eval.json"
+def eval_dir(run_dir: Path, draw: int = 0) -> Path:
+    """Draw 0 (the evaluation's own --seed) in eval/, draw k in eval-seed<k>/."""
+    return run_dir / ("eval" if draw == 0 else f"eval-seed{draw}")
+
+
+def eval_file(run_dir: Path, draw: int = 0) -> Path:
+    return eval_dir(run_dir, draw) / "eval.json"
+
+
+def eval_draws(grid: Grid) -> int:
+    return int(grid.evaluate.get("testbed", {}).get("draws", 1))
 
 
 def status(run: Run, grid: Grid) -> str:
@@ -365,14 +381,14 @@ def status(run: Run, grid: Grid) -> str:
         return "done"
     step = checkpoint_step(d) if d.is_dir() else None
     if step is not None and step >= run.cfg.train.max_steps and final_file(d).is_file():
-        if grid.evaluate and not _eval_fresh(d):
+        if grid.evaluate and not all(_eval_fresh(d, k) for k in range(eval_draws(grid))):
             return "evaluate"
         return "summarize"
     return "resume" if step is not None else "new"
 
 
-def _eval_fresh(run_dir: Path) -> bool:
-    e, f = eval_file(run_dir), final_file(run_dir)
+def _eval_fresh(run_dir: Path, draw: int = 0) -> bool:
+    e, f = eval_file(run_dir, draw), final_file(run_dir)
     return e.is_file() and (not f.is_file() or e.stat().st_mtime >= f.stat().st_mtime)
 
 
@@ -461,8 +477,11 @@ def train(run: Run, grid: Grid, resume: bool, mode: str) -> None:
         _run_logged(cmd, run.dir / "train.log", run.env)
 
 
-def evaluate_args(run: Run, options: dict[str, Any]) -> list[str]:
-    args = ["--model", str(run.dir / "final"), "--out", str(run.dir / "eval")]
+def evaluate_args(run: Run, options: dict[str, Any], draw: int = 0) -> list[str]:
+    """Draw k evaluates with --seed (the grid's, default 0) + k: other prompts and seeds."""
+    options = {k: v for k, v in options.items() if k != "draws"}
+    options["seed"] = int(options.get("seed", 0)) + draw
+    args = ["--model", str(run.dir / "final"), "--out", str(eval_dir(run.dir, draw))]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -471,17 +490,21 @@ def evaluate_args(run: Run, options: dict[str, Any]) -> list[str]:
 def evaluate(run: Run, grid: Grid, mode: str) -> None:
     if "testbed" not in grid.evaluate:
         return
-    args = evaluate_args(run, grid.evaluate["testbed"])
-    if mode == "inprocess":
-        from data.testbed.evaluate import main as testbed_evaluate
+    for draw in range(eval_draws(grid)):
+        if _eval_fresh(run.dir, draw):
+            continue
+        args = evaluate_args(run, grid.evaluate["testbed"], draw)
+        if mode == "inprocess":
+            from data.testbed.evaluate import main as testbed_evaluate
 
-        log.info("evaluating %s in-process: python -m data.testbed.evaluate %s", run.name, shlex.join(args))
-        with _environment({}), contextlib.redirect_stdout(io.StringIO()):
-            code = testbed_evaluate(args)
-        if code:
-            raise RuntimeError(f"data.testbed.evaluate returned {code}")
-    else:
-        _run_logged([sys.executable, "-m", "data.testbed.evaluate", *args], run.dir / "eval.log", {})
+            log.info("evaluating %s in-process: python -m data.testbed.evaluate %s", run.name, shlex.join(args))
+            with _environment({}), contextlib.redirect_stdout(io.StringIO()):
+                code = testbed_evaluate(args)
+            if code:
+                raise RuntimeError(f"data.testbed.evaluate returned {code}")
+        else:
+            _run_logged([sys.executable, "-m", "data.testbed.evaluate", *args],
+                        run.dir / f"{eval_dir(run.dir, draw).name}.log", {})
 
 
 def _add_time(run_dir: Path, key: str, seconds: float) -> None:
@@ -515,7 +538,8 @@ def execute(run: Run, grid: Grid, mode: str = "subprocess") -> str:
         return "skipped"
     action = {"new": "trained", "resume": "resumed", "evaluate": "evaluated", "summarize": "summarized"}[state]
     if state == "new" and run.dir.exists() and any(run.dir.iterdir()):
-        foreign = sorted(p.name for p in run.dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in run.dir.iterdir()
+                         if p.name not in RUN_FILES and not EVAL_DRAW_RE.match(p.name) and not p.name.startswith("."))
         if foreign:
             raise RuntimeError(f"{run.dir} holds files a run does not write ({', '.join(foreign[:5])}); move them away")
         log.info("%s: %s holds no complete checkpoint; starting it afresh", run.name, run.dir)
@@ -524,7 +548,7 @@ def execute(run: Run, grid: Grid, mode: str = "subprocess") -> str:
         start = time.perf_counter()
         train(run, grid, resume=state == "resume", mode=mode)
         _add_time(run.dir, "train_s", time.perf_counter() - start)
-    if grid.evaluate and not _eval_fresh(run.dir):
+    if grid.evaluate and not all(_eval_fresh(run.dir, k) for k in range(eval_draws(grid))):
         start = time.perf_counter()
         evaluate(run, grid, mode)
         _add_time(run.dir, "eval_s", time.perf_counter() - start)
@@ -562,6 +586,11 @@ def run_grid(grid: Grid, runs: list[Run], mode: str = "subprocess", stop_on_erro
 # --------------------------------------------------------------------------------------------
 # Summary of one run
 # --------------------------------------------------------------------------------------------
+
+
+def _mean(values: list[Any]) -> Optional[float]:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) / len(numbers) if numbers else None
 
 
 def _median(values: list[float]) -> Optional[float]:
@@ -619,19 +648,26 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
                 out[f"flagged_rate_{label}"] = float(flagged[members].mean()) if members.any() else None
 
     if eval_file(run_dir).is_file():
-        result = json.loads(eval_file(run_dir).read_text())
-        s = result.get("summary", {})
+        # every draw found (eval/, eval-seed<k>/): their numbers averaged, one draw's kept apart
+        files = [eval_file(run_dir)] + sorted(p / "eval.json" for p in run_dir.glob("eval-seed*")
+                                              if (p / "eval.json").is_file())
+        results = [json.loads(f.read_text()) for f in files]
+        draws = [r.get("summary", {}) for r in results]
+        s = {k: _mean([d.get(k) for d in draws]) for k in draws[0]}
+        out["eval_draws"] = len(draws)
         out["global_replica_rate"] = s.get("global_replica_rate")
         out["local_replica_rate"] = s.get("local_replica_rate")
         out["clean_replica_rate"] = s.get("clean_replica_rate")
         out["clean_local_replica_rate"] = s.get("clean_local_replica_rate")
+        out["heldout_loss"] = s.get("heldout_loss")
         iou = [k for k in s if "iou" in k.lower()]
         out["localization_iou"] = s[iou[0]] if iou else None
         quality = [k for k in s if k.lower().startswith(("kid", "fid", "quality"))]
         out["quality_metric"] = quality[0] if quality else None
         out["quality_kid"] = s.get(quality[0]) if quality else None
-        out["eval_generation_s"] = result.get("generation_seconds")
+        out["eval_generation_s"] = _mean([r.get("generation_seconds") for r in results])
         out["eval_summary"] = s
+        out["eval_summaries"] = draws
 
     if (run_dir / TIMES).is_file():
         out.update({f"wall_{k}": v for k, v in json.loads((run_dir / TIMES).read_text()).items()})
@@ -649,6 +685,7 @@ TABLE_COLUMNS = [
     ("clean_replica_rate", "clean replica rate"),
     ("localization_iou", "localization IoU"),
     ("quality_kid", "KID (quality, lower better)"),
+    ("heldout_loss", "held-out loss"),
     ("det_auc_global", "det. AUC global"),
     ("det_tpr1fpr_global", "TPR@1%FPR global"),
     ("det_auc_local", "det. AUC local"),
@@ -750,7 +787,7 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
     compare = ref is not None and any(ref[k][0] is not None for k in ("global_replica_rate", "local_replica_rate"))
     header = ["variant", "seeds"] + [h for _, h in columns]
     if compare:
-        header += ["global vs ref", "local vs ref", "KID vs ref", "meets goal"]
+        header += ["global vs ref", "local vs ref", "KID vs ref", "held-out loss vs ref", "meets goal"]
     lines = [f"# Ablation `{grid.name}`", "",
              f"Grid: `{_rel(grid.path)}`; {len(summaries)} of {len(grid.runs)} runs finished; "
              "mean ± std over seeds" + (f"; reference: `{grid.reference}`" if grid.reference else "") + ".", "",
@@ -761,9 +798,11 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
             mean, std, n = st[key]
             cells.append(_fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std, like=mean)}")
         if compare:
-            deltas = [_relative(st[k][0], ref[k][0]) for k in ("global_replica_rate", "local_replica_rate", "quality_kid")]
-            cells += ["—" if d is None else f"{100 * d:+.0f}%" for d in deltas]
-            g, l, q = deltas
+            deltas = [_relative(st[k][0], ref[k][0])
+                      for k in ("global_replica_rate", "local_replica_rate", "quality_kid", "heldout_loss")]
+            cells += ["—" if d is None else f"{100 * d:+.0f}%" for d in deltas[:3]]
+            cells.append("—" if deltas[3] is None else f"{100 * deltas[3]:+.1f}%")
+            g, l, q, _ = deltas
             if variant == grid.reference or None in (g, l):
                 cells.append("—")
             else:

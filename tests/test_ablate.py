@@ -184,7 +184,18 @@ def test_summary_fields_come_from_metrics_ledger_and_eval(tmp_path):
     assert (s["flagged"], s["flagged_rate_local"], s["flagged_rate_clean"]) == (1, 0.5, 0.0)
     assert (s["global_replica_rate"], s["local_replica_rate"], s["quality_kid"], s["localization_iou"]) == \
         (0.5, 0.25, 0.02, 0.7)
-    assert s["quality_metric"] == "kid_clean_vs_heldout"
+    assert s["quality_metric"] == "kid_clean_vs_heldout" and s["eval_draws"] == 1
+
+    # a second draw of prompts and seeds (eval-seed1/): every number is the mean of the two
+    second = tmp_path / "r" / "eval-seed1"
+    second.mkdir()
+    (second / "eval.json").write_text(json.dumps({"generation_seconds": 2.5, "summary": {
+        "global_replica_rate": 0.7, "local_replica_rate": 0.35, "clean_replica_rate": 0.1,
+        "clean_local_replica_rate": 0.1, "kid_clean_vs_heldout": 0.04, "localization_iou": 0.5}}))
+    s = ablate.summarize(tmp_path / "r", variant="v", seed=0)
+    assert s["eval_draws"] == 2 and s["eval_generation_s"] == 2.0
+    assert (s["global_replica_rate"], s["local_replica_rate"], s["clean_replica_rate"], s["quality_kid"],
+            s["localization_iou"]) == pytest.approx((0.6, 0.3, 0.05, 0.03, 0.6))
 
 
 def test_tables_give_mean_and_std_over_seeds_and_the_goal(small_grid, tmp_path):
@@ -234,7 +245,12 @@ def test_real_runs_collect_and_resume(tmp_path, cache_dir):
     md = (out / "results.md").read_text()
     assert "| `none` | 1 |" in md and "| `captions_rc` | 1 |" in md
     summaries = {v: json.loads((out / v / "seed0" / "summary.json").read_text()) for v in ("none", "captions_rc")}
-    for s in summaries.values():
+    for v, s in summaries.items():
+        # draws: 2 in the grid: eval/ with --seed 0 and eval-seed1/ with --seed 1, averaged
+        draws = [json.loads((out / v / "seed0" / d / "eval.json").read_text()) for d in ("eval", "eval-seed1")]
+        assert [d["settings"]["seed"] for d in draws] == [0, 1] and s["eval_draws"] == 2
+        assert s["heldout_loss"] == pytest.approx(draws[0]["summary"]["heldout_loss"])  # same noise in every draw
+        assert s["local_replica_rate"] == pytest.approx(sum(d["summary"]["local_replica_rate"] for d in draws) / 2)
         assert s["steps"] == 6 and math.isfinite(s["train_loss"]) and s["samples_per_s"] > 0
         assert 0 <= s["det_auc_global"] <= 1 and 0 <= s["det_tpr1fpr_local"] <= 1  # the testbed's group column
         assert 0 <= s["global_replica_rate"] <= 1 and 0 <= s["local_replica_rate"] <= 1

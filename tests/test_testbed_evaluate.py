@@ -155,6 +155,18 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
         assert 0.0 <= result["summary"][key] <= 1.0
     assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6 + 4)
 
+    # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
+    from data.testbed.evaluate import heldout_loss, load_pipeline
+
+    pipe = load_pipeline(run / "final")
+    first = heldout_loss(pipe, result["testbed"])
+    assert first["heldout_loss"] == pytest.approx(result["summary"]["heldout_loss"], rel=1e-6)
+    assert heldout_loss(pipe, result["testbed"]) == first and first["images"] == TINY["n_heldout"]
+    assert first["heldout_loss"] < 1.0
+    for p in pipe.unet.conv_out.parameters():
+        p.data.zero_()
+    assert heldout_loss(pipe, result["testbed"])["heldout_loss"] == pytest.approx(1.0, abs=0.1)
+
     # --rescore scores the saved images again without the model: same numbers
     (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     args = ["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--local-per-group", "1", "--clean", "6",

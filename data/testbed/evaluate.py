@@ -388,7 +388,8 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         if images.shape[:2] != (len(prompts), seeds):
             raise ValueError(f"--rescore: {saved} holds {images.shape[:2]} (prompts, seeds), the settings give "
                              f"{(len(prompts), seeds)}; pass the settings of the earlier evaluation")
-        gen_seconds = json.loads((out / "eval.json").read_text())["generation_seconds"] if (out / "eval.json").is_file() else None
+        earlier = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
+        gen_seconds = earlier.get("generation_seconds")
     else:
         pipe = load_pipeline(model, spacing)
         images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
@@ -397,8 +398,13 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         np.savez_compressed(saved, images=as_uint8)
         images = as_uint8.astype(np.float32) / 255.0  # score what is saved, so --rescore reproduces it
     result = score(images, prompts, root, quantile)
-    # fixed noise (not the draw's seed): every model and every draw is compared on the same inputs
-    result["quality"].update(heldout_loss(pipe if not rescore else load_pipeline(model, spacing), root))
+    # fixed noise (not the draw's seed): every model and every draw is compared on the same inputs;
+    # a property of the model, so --rescore keeps the earlier value when there is one
+    loss_keys = ("heldout_loss", "images", "timesteps", "per_timestep")
+    if rescore and "heldout_loss" in earlier.get("quality", {}):
+        result["quality"].update({k: earlier["quality"][k] for k in loss_keys})
+    else:
+        result["quality"].update(heldout_loss(pipe if not rescore else load_pipeline(model, spacing), root))
     shown = picture_grid(images, prompts, root, out / "grid.png", grid_rows, evaluation=result)
     g = result["groups"]
     summary = {
