@@ -588,11 +588,6 @@ def run_grid(grid: Grid, runs: list[Run], mode: str = "subprocess", stop_on_erro
 # --------------------------------------------------------------------------------------------
 
 
-def _mean(values: list[Any]) -> Optional[float]:
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return sum(numbers) / len(numbers) if numbers else None
-
-
 def _median(values: list[float]) -> Optional[float]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return float(statistics.median(values)) if values else None
@@ -653,7 +648,7 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
                                               if (p / "eval.json").is_file())
         results = [json.loads(f.read_text()) for f in files]
         draws = [r.get("summary", {}) for r in results]
-        s = {k: _mean([d.get(k) for d in draws]) for k in draws[0]}
+        s = {k: mean_std([d.get(k) for d in draws])[0] for k in draws[0]}
         out["eval_draws"] = len(draws)
         out["global_replica_rate"] = s.get("global_replica_rate")
         out["local_replica_rate"] = s.get("local_replica_rate")
@@ -665,7 +660,7 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
         quality = [k for k in s if k.lower().startswith(("kid", "fid", "quality"))]
         out["quality_metric"] = quality[0] if quality else None
         out["quality_kid"] = s.get(quality[0]) if quality else None
-        out["eval_generation_s"] = _mean([r.get("generation_seconds") for r in results])
+        out["eval_generation_s"] = mean_std([r.get("generation_seconds") for r in results])[0]
         out["eval_summary"] = s
         out["eval_summaries"] = draws
 

@@ -65,6 +65,13 @@ class Prompt:
     local_group: int | None
 
 
+def _torch_generator(key: str):
+    """A torch generator seeded by a string (a prompt and seed, an image and timestep)."""
+    import torch
+
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little"))
+
+
 def _rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:4], "little")])
 
@@ -127,8 +134,7 @@ def generate(pipe, texts: Sequence[str], seeds: int, resolution: int, steps: int
     out = np.zeros((len(texts), seeds, resolution, resolution, 3), dtype=np.float32)
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
-        generators = [torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(
-            f"{seed}|{texts[i]}|{k}".encode()).digest()[:7], "little")) for i, k in chunk]
+        generators = [_torch_generator(f"{seed}|{texts[i]}|{k}") for i, k in chunk]
         with torch.no_grad():
             images = pipe([texts[i] for i, _ in chunk], height=resolution, width=resolution,
                           num_inference_steps=steps, guidance_scale=guidance, generator=generators,
@@ -164,9 +170,9 @@ def heldout_loss(pipe, root: str | Path, timesteps: int = 10, seed: int = 0, bat
             latents = pipe.vae.encode(pixels * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
             text = encode_text(pipe.tokenizer, pipe.text_encoder, [r["text"] for r in chunk], latents.device)
             for k, t in enumerate(grid):
-                noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-                    int.from_bytes(hashlib.sha256(f"{seed}|{r['sample_id']}|{t}".encode()).digest()[:7], "little")))
-                    for r in chunk])
+                noise = torch.stack([torch.randn(latents.shape[1:],
+                                                 generator=_torch_generator(f"{seed}|{r['sample_id']}|{t}"))
+                                     for r in chunk])
                 t_batch = torch.full((len(chunk),), t, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, t_batch)
                 target = (scheduler.get_velocity(latents, noise, t_batch)
