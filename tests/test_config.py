@@ -42,6 +42,7 @@ def test_later_files_and_overrides_win(tmp_path):
     (["mitigate.weights.dedup_regions=true", "mitigate.weights.region_tiles=5"], r"region_tiles must divide"),
     (["mitigate.weights.region_scope=pixels"], r"region_scope must be region or image"),
     (["mitigate.weights.region_dilate=-1"], r"region_dilate must be >= 0"),
+    (["mitigate.weights.dedup_max_distance=1.5"], r"dedup_max_distance must be in \[0, 1\]"),
     (["trainlr=1"], r"not of the form|unknown config key 'trainlr'"),
 ])
 def test_incompatible_or_bad_settings_fail_at_start(overrides, message):

@@ -132,6 +132,23 @@ def test_dedup_weights_group_copies_also_resized(tmp_path):
     assert by_id == {"id-0": pytest.approx(1 / 3), "id-1": pytest.approx(1 / 3), "id-2": pytest.approx(1 / 3), "id-3": 1.0}
 
 
+def test_dedup_weights_keep_colour_variants_apart(tmp_path):
+    """make_imagefolder's pictures differ only in their green channel: one difference hash (it
+    sees brightness edges only), different colours. The thumbnail check keeps them apart; with
+    the check off (max_distance 1) they collapse into one group, as hash-only de-duplication did."""
+    import datasets
+    from PIL import Image
+
+    from train.mitigate.weights import dhash
+
+    folder = make_imagefolder(tmp_path / "d", n=3)
+    assert len({dhash(Image.open(folder / "img" / f"{i}.png")) for i in range(3)}) == 1
+    table = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").cast_column(
+        "image", datasets.Image(decode=False))
+    assert dedup_weights(table, "image", tmp_path / "cache").tolist() == [1.0, 1.0, 1.0]
+    assert dedup_weights(table, "image", tmp_path / "cache", max_distance=1.0).tolist() == [pytest.approx(1 / 3)] * 3
+
+
 def stamped_folder(folder):
     """13 noise images: rows 0-5 carry one 8x8 stamp in the top-right corner, rows 9-12 are one image."""
     from PIL import Image

@@ -233,7 +233,8 @@ class WeightMitigationConfig:
     factor: float = 0.1
     score_on: float = 1.0
     start_step: int = 0
-    dedup: bool = False  # weight 1 / (perceptual-hash group size); needs no monitor
+    dedup: bool = False  # weight 1 / (duplicate group size); needs no monitor
+    dedup_max_distance: float = 0.02  # same hash and 8x8 colour thumbnails this close (0-1) = duplicates
     # region de-duplication (local copies: a stamp/logo in a fixed place on many images): a
     # non-flat tile shared at one place by >= region_min_count distinct images weighs 1 / (their number)
     dedup_regions: bool = False
@@ -511,6 +512,8 @@ def validate(cfg: DictConfig) -> None:
                                       or mit.weights.region_min_count < 2):
         raise ConfigError(f"mitigate.weights.region_tiles must divide data.resolution ({d.resolution}) and "
                           f"region_min_count must be >= 2 (got {mit.weights.region_tiles}, {mit.weights.region_min_count})")
+    if not 0.0 <= mit.weights.dedup_max_distance <= 1.0:
+        raise ConfigError(f"mitigate.weights.dedup_max_distance must be in [0, 1] (got {mit.weights.dedup_max_distance})")
     if mit.weights.region_dilate < 0:
         raise ConfigError(f"mitigate.weights.region_dilate must be >= 0 (got {mit.weights.region_dilate})")
     if mit.weights.region_scope not in ("region", "image"):

@@ -272,7 +272,8 @@ def run(cfg: DictConfig) -> Path:
     dedup = None  # data-only weights (no monitor): whole-image and region de-duplication
     regions = None  # (rows, tiles, tiles): the loss weight under each tile, region_scope=region
     if mcfg.weights.dedup:
-        dedup = torch.from_numpy(dedup_weights(data.table, data_cfg.image_column, cfg.model.cache_dir, data.root))
+        dedup = torch.from_numpy(dedup_weights(data.table, data_cfg.image_column, cfg.model.cache_dir, data.root,
+                                               mcfg.weights.dedup_max_distance))
     if mcfg.weights.dedup_regions:
         regions = torch.from_numpy(region_dedup_weights(
             data.table, data_cfg.image_column, data_cfg.resolution, cfg.model.cache_dir, data.root,
