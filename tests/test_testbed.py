@@ -34,6 +34,7 @@ from data.testbed import (  # noqa: E402
     kernel_distance,
     masked_distance,
     nearest,
+    own_rank,
     pixel_distance,
     replica_flags,
     resize_map,
@@ -328,6 +329,21 @@ def test_nearest_matches_brute_force():
         assert index[g] == int(np.argmin(brute))
         assert distance[g] == pytest.approx(min(brute), rel=1e-9, abs=1e-12)
     assert list(index[:2]) == [5, 30]
+
+
+def test_own_rank_counts_the_candidates_closer_than_the_own_image():
+    rng = np.random.default_rng(2)
+    cand = rng.random((50, 6, 6, 3))
+    gen = cand[[3, 7]] + 0.01 * rng.standard_normal((2, 6, 6, 3))
+    # own = the candidate the generation was made from (nearest): rank 0; own = a far-away image:
+    # every candidate is closer; brute force for a random own image
+    far = np.full((6, 6, 3), 10.0)
+    far_other = rng.random((6, 6, 3))
+    ranks = own_rank(np.stack([gen[0], gen[1], gen[1]]), np.stack([cand[3], far, far_other]), cand, batch_size=16)
+    brute = np.mean([pixel_distance(gen[1], c) < pixel_distance(gen[1], far_other) for c in cand])
+    assert ranks.tolist() == [0.0, 1.0, pytest.approx(brute)]
+    with pytest.raises(ValueError, match="shapes differ"):
+        own_rank(gen, cand[:3], cand)
 
 
 def test_replicas_on_testbed_images(builds):

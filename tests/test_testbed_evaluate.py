@@ -98,6 +98,10 @@ def test_a_model_that_copies_every_clean_image_scores_a_clean_rate_of_one(testbe
     result = score(images, prompts, testbed)
     assert result["groups"]["clean"]["replica_rate"] == 1.0
     assert result["groups"]["global"]["replica_rate"] == 0.0
+    # a copy is as faithful to its prompt as can be; the next prompt's image is not
+    assert result["groups"]["clean"]["own_rank_median"] == 0.0
+    assert result["groups"]["clean"]["own_in_top1pct_rate"] == 1.0
+    assert result["groups"]["clean"]["other_rank_median"] > 0.0
     assert result["groups"]["heldout_calibration"]["prompts"] == 8
 
 

@@ -21,6 +21,9 @@
      :func:`masked_distance` to the group's stamp; a local-row generation is a local replica
      when its stamp region is closer than that and the whole image is not a replica
      (:func:`is_local_replica`); clean generations are checked against every stamp;
+   * prompt fidelity = :func:`own_rank`: the share of clean training images closer to a clean
+     (or held-out) prompt's generation than the prompt's own image (0 = own nearest, ~0.5 = the
+     prompt is ignored; ``other_rank_*`` scores against the next prompt's image as a baseline);
    * quality = KID (:func:`image_kid`, default :class:`PixelFeatures` extractor) between all
      clean-prompt generations and the held-out images, next to the KID of the clean training
      images themselves (what a perfect generator of the data would score).
@@ -44,8 +47,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, pixel_distance,
-                                   replica_flags)
+from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
+                                   pixel_distance, replica_flags)
 from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images
 
 GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
@@ -247,6 +250,18 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
             for g, (img, mask) in stamps.items():
                 clean_stamp[p, :, g] = (masked_distance(images[p], img, mask) < region_threshold[g]) & ~replica[p]
 
+    # Prompt fidelity: how many clean training images are closer to a generation than its own
+    # image (clean prompts: trained; held-out prompts: never trained). The baseline scores each
+    # generation against the next prompt's image instead: what a generation that ignores its
+    # prompt gets (not 0.5: some images are closer to everything than others).
+    fidelity, baseline = np.full((P, S), np.nan), np.full((P, S), np.nan)
+    follows = (group == "clean") | calib
+    if follows.sum() >= 2:
+        own_images = np.stack([load_image(root, p.file_name) for p, f in zip(prompts, follows) if f])
+        gen = images[follows].reshape(-1, *images.shape[2:])
+        for out, owns in ((fidelity, own_images), (baseline, np.roll(own_images, 1, axis=0))):
+            out[follows] = own_rank(gen, np.repeat(owns, S, axis=0), train.images[clean_train]).reshape(-1, S)
+
     def group_summary(name: str, mask: np.ndarray) -> dict:
         out = {
             "prompts": int(mask.sum()), "generations": int(mask.sum() * S),
@@ -255,6 +270,11 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
             "nn_is_own_rate": _rate(nn_is_own[mask]),
             "nn_distance_median": float(np.median(nn_distance[mask])) if mask.any() else None,
         }
+        if name in ("clean", "heldout_calibration") and mask.any():
+            out.update(own_rank_median=float(np.median(fidelity[mask])),
+                       own_in_top1pct_rate=_rate(fidelity[mask] < 0.01),
+                       other_rank_median=float(np.median(baseline[mask])),
+                       other_in_top1pct_rate=_rate(baseline[mask] < 0.01))
         if name == "local":
             out.update(local_replica_rate=_rate(local_replica[mask]),
                        local_replica_rate_any_seed=_rate(local_replica[mask].any(axis=1)),
@@ -293,6 +313,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                 "nn_distance": float(nn_distance[p, k]), "own_distance": float(pixel_distance(
                     images[p, k], load_image(root, prompt.file_name))),
                 "replica": bool(replica[p, k]),
+                "own_rank": None if np.isnan(fidelity[p, k]) else float(fidelity[p, k]),
                 "region_distance": None if np.isnan(region_distance[p, k]) else float(region_distance[p, k]),
                 "local_replica": bool(local_replica[p, k]),
             })
@@ -420,6 +441,7 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         "clean_local_replica_rate": g["clean"].get("local_replica_rate"),
         "kid_clean_vs_heldout": result["quality"].get("kid_clean_generations_vs_heldout"),
         "heldout_loss": result["quality"]["heldout_loss"],
+        "clean_own_rank_median": g["clean"].get("own_rank_median"),
     }
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",

@@ -115,6 +115,25 @@ def nearest(gen_images: Any, train_images: Any, batch_size: int = 1024) -> tuple
     return best_i, np.sqrt(np.maximum(best_d2, 0.0) / gen.shape[1])
 
 
+def own_rank(gen_images: Any, own_images: Any, candidates: Any, batch_size: int = 1024) -> np.ndarray:
+    """Per generation, the share of ``candidates`` strictly closer to it (pixel RMSE) than its
+    prompt's own image: 0 when the own image is the nearest, ~0.5 for a generation that has
+    nothing to do with its prompt. How well generations follow their prompts, without copying:
+    a held-out prompt's own image was never trained, so a low rank there is generalization.
+    """
+    gen, own, cand = _flat(gen_images), _flat(own_images), _flat(candidates)
+    if gen.shape != own.shape or gen.shape[1] != cand.shape[1]:
+        raise ValueError(f"own_rank: shapes differ (generations {gen.shape}, own {own.shape}, candidates {cand.shape})")
+    own_d2 = np.einsum("ij,ij->i", gen - own, gen - own)
+    gen_sq = np.einsum("ij,ij->i", gen, gen)
+    closer = np.zeros(len(gen), dtype=np.int64)
+    for start in range(0, len(cand), batch_size):
+        block = cand[start:start + batch_size]
+        d2 = gen_sq[:, None] + np.einsum("ij,ij->i", block, block)[None, :] - 2.0 * gen @ block.T
+        closer += (d2 < own_d2[:, None] - 1e-9).sum(axis=1)  # the own image itself (d2 = own_d2) does not count
+    return closer / len(cand)
+
+
 def calibrate_threshold(clean_distances: Any, quantile: float = 0.05) -> float:
     """The ``quantile`` of clean prompts' nearest-neighbour distances: closer than that is a copy.
 
