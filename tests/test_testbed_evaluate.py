@@ -147,7 +147,7 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     knobs = {f"data.testbed.{k}": v for k, v in TINY.items()}
     run = train(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "testbed", "data.resolution": 16, "train.max_steps": 2, "train.checkpoint_every": 2,
-        "train.caption_dropout": 0.1, **knobs}))
+        "train.caption_dropout": 0.1, "mitigate.weights.dedup": True, **knobs}))
     out = tmp_path / "eval"
     assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
                  "--local-per-group", "1", "--clean", "6", "--calibration", "4"]) == 0
@@ -158,6 +158,17 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     for key in ("global_replica_rate", "local_replica_rate", "clean_replica_rate"):
         assert 0.0 <= result["summary"][key] <= 1.0
     assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6 + 4)
+
+    # the quality split by the run's own de-duplication weights: every global repeat is touched
+    from data.testbed.by_weight import split_scores, touched_samples
+
+    touched, root = touched_samples(run)
+    rows = read_rows(root, split="train")
+    assert {r["sample_id"] for r in rows if r["group"] == "global"} <= touched
+    assert len(touched) < len(rows) and str(root) == result["testbed"]
+    splits = split_scores(tmp_path, touched, root)  # finds tmp_path/eval/eval.json
+    assert sum(s.get("prompts", 0) for s in splits.values()) == 6
+    assert all(np.isfinite(s["kid"]) for s in splits.values() if s["draws"])
 
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
     from data.testbed.evaluate import heldout_loss, load_pipeline

@@ -30,7 +30,7 @@ from train.config import ConfigError, parse_args, save_config
 from train.evaluate.hook import run_eval_hook
 from train.mitigate.captions import CaptionPerturber
 from train.mitigate.regularize import active_terms, attention_penalties
-from train.mitigate.weights import dedup_weights, flag_weights, loss_map, region_dedup_weights
+from train.mitigate.weights import data_weights, flag_weights, loss_map
 from train.monitor.monitor import LEDGER_FILE, Monitor
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.tracking import Tracker
@@ -269,19 +269,9 @@ def run(cfg: DictConfig) -> Path:
     penalties_on = active_terms(mcfg.regularize)
     if penalties_on:
         monitor.capture.with_grad = True  # the penalties backpropagate through the attention
-    dedup = None  # data-only weights (no monitor): whole-image and region de-duplication
-    regions = None  # (rows, tiles, tiles): the loss weight under each tile, region_scope=region
-    if mcfg.weights.dedup:
-        dedup = torch.from_numpy(dedup_weights(data.table, data_cfg.image_column, cfg.model.cache_dir, data.root,
-                                               mcfg.weights.dedup_max_distance))
-    if mcfg.weights.dedup_regions:
-        regions = torch.from_numpy(region_dedup_weights(
-            data.table, data_cfg.image_column, data_cfg.resolution, cfg.model.cache_dir, data.root,
-            mcfg.weights.region_tiles, mcfg.weights.region_min_count, mcfg.weights.region_dilate))
-        if mcfg.weights.region_scope == "image":  # the whole row weighs what its most shared tile does
-            rows = regions.amin(dim=(1, 2))
-            dedup = rows if dedup is None else torch.minimum(dedup, rows)
-            regions = None
+    # data-only weights (no monitor): whole-image (rows) and region (rows x tiles x tiles) de-duplication
+    dedup, regions = data_weights(mcfg.weights, data.table, data_cfg.image_column, data_cfg.resolution,
+                                  cfg.model.cache_dir, data.root)
 
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")

@@ -170,6 +170,25 @@ def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: P
                    compute)
 
 
+def data_weights(cfg: DictConfig, table, image_column: str, resolution: int, cache_dir: Path,
+                 root: Optional[Path] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The de-duplication weights ``mitigate.weights`` asks for, known from the data alone:
+    (per-row weights or None, per-row tile maps (rows, tiles, tiles) or None). With
+    ``region_scope: image`` the region maps fold into the row weights (a row weighs what its most
+    shared tile does) and no maps are returned."""
+    rows = regions = None
+    if cfg.dedup:
+        rows = torch.from_numpy(dedup_weights(table, image_column, cache_dir, root, cfg.dedup_max_distance))
+    if cfg.dedup_regions:
+        regions = torch.from_numpy(region_dedup_weights(table, image_column, resolution, cache_dir, root,
+                                                        cfg.region_tiles, cfg.region_min_count, cfg.region_dilate))
+        if cfg.region_scope == "image":
+            whole = regions.amin(dim=(1, 2))
+            rows = whole if rows is None else torch.minimum(rows, whole)
+            regions = None
+    return rows, regions
+
+
 def min_filter(maps: np.ndarray, radius: int) -> np.ndarray:
     """Each cell of (N, H, W) ``maps`` becomes the minimum of its (2 radius + 1)^2 neighbourhood."""
     if radius <= 0:

@@ -1,0 +1,98 @@
+"""Where a mitigation's quality cost sits: clean prompts whose training image it down-weighted
+(its collateral) vs the clean prompts it left alone.
+
+``python -m data.testbed.by_weight --split-by RUN --runs RUN [RUN ...] [--out table.md]``
+
+The split comes from ``--split-by``'s own config: the de-duplication weights its trainer used
+(:func:`train.mitigate.weights.data_weights`: whole-image and region de-duplication, computed from
+the data alone, the same cached arrays). A clean training image is *touched* when its row weight
+or any tile of its region map is below 1. Each ``--runs`` entry is then scored per split on every
+evaluation draw it has (``eval/``, ``eval-seed<k>/``, averaged): KID of the split's clean-prompt
+generations vs the held-out images, and the median prompt fidelity (own-image rank). The two
+splits are different sets of emoji, so compare a split across runs, not the splits with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from data.testbed.measures import image_kid
+from data.testbed.reading import load_image, read_rows
+
+
+def touched_samples(run: str | Path) -> tuple[set[str], Path]:
+    """The sample ids whose loss weight ``run``'s de-duplication lowered, and its testbed folder."""
+    from data.datasets import load_table, resolve_source
+    from train.mitigate.weights import data_weights
+
+    cfg = OmegaConf.load(Path(run) / "config.yaml")
+    data_cfg = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
+    table, root = load_table(data_cfg, cfg.model.cache_dir)
+    rows, regions = data_weights(cfg.mitigate.weights, table, data_cfg.image_column, data_cfg.resolution,
+                                 cfg.model.cache_dir, root)
+    touched = np.zeros(len(table), dtype=bool)
+    if rows is not None:
+        touched |= rows.numpy() < 1
+    if regions is not None:
+        touched |= (regions.numpy() < 1).any(axis=(1, 2))
+    ids = table[data_cfg.id_column]
+    return {str(ids[i]) for i in np.flatnonzero(touched)}, Path(data_cfg.path)
+
+
+def split_scores(run: str | Path, touched: set[str], root: Path) -> dict[str, dict]:
+    """Per split (touched | untouched): clean prompts, KID and median own-image rank, mean over draws."""
+    held = np.stack([load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")])
+    draws = sorted(Path(run).glob("eval*/eval.json"))
+    if not draws:
+        raise FileNotFoundError(f"{run}: no eval*/eval.json (evaluate the run first)")
+    scores: dict[str, dict[str, list]] = {"touched": {}, "untouched": {}}
+    for file in draws:
+        result = json.loads(file.read_text())
+        images = np.load(file.parent / "generations.npz")["images"].astype(np.float64) / 255.0
+        ranks: dict[int, list] = {}
+        for g in result["generations"]:
+            ranks.setdefault(g["prompt"], []).append(g.get("own_rank"))
+        for split in scores:
+            picked = [p for p, prompt in enumerate(result["prompts"])
+                      if prompt["group"] == "clean" and (prompt["sample_id"] in touched) == (split == "touched")]
+            if len(picked) < 2:
+                continue
+            gen = images[picked].reshape(-1, *images.shape[2:])
+            own = [r for p in picked for r in ranks[p] if r is not None]
+            s = scores[split]
+            s.setdefault("prompts", []).append(len(picked))
+            s.setdefault("kid", []).append(image_kid(gen, held))
+            s.setdefault("own_rank_median", []).append(float(np.median(own)) if own else np.nan)
+    return {split: {k: float(np.mean(v)) for k, v in s.items()} | {"draws": len(s.get("kid", []))}
+            for split, s in scores.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.testbed.by_weight", description=__doc__.split("\n\n")[0])
+    p.add_argument("--split-by", required=True, help="a run whose de-duplication weights define the split")
+    p.add_argument("--runs", nargs="+", required=True, help="evaluated runs to score per split")
+    p.add_argument("--out", help="also write the markdown table here")
+    a = p.parse_args(argv)
+    touched, root = touched_samples(a.split_by)
+    lines = [f"Split by `{a.split_by}`: {len(touched)} training rows down-weighted.", "",
+             "| run | split | clean prompts | KID vs held-out | own-image rank (median) | draws |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for run in a.runs:
+        for split, s in split_scores(run, touched, root).items():
+            if s["draws"]:
+                lines.append(f"| `{run}` | {split} | {s['prompts']:.0f} | {s['kid']:.5f} | "
+                             f"{s['own_rank_median']:.3f} | {s['draws']} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
