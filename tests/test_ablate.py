@@ -255,6 +255,7 @@ def test_real_runs_collect_and_resume(tmp_path, cache_dir):
         assert 0 <= s["det_auc_global"] <= 1 and 0 <= s["det_tpr1fpr_local"] <= 1  # the testbed's group column
         assert 0 <= s["global_replica_rate"] <= 1 and 0 <= s["local_replica_rate"] <= 1
         assert s["quality_kid"] is not None and s["wall_train_s"] > 0
+        assert s["clean_own_rank"] == pytest.approx(sum(d["summary"]["clean_own_rank_median"] for d in draws) / 2)
     assert summaries["none"]["train_loss"] != summaries["captions_rc"]["train_loss"]  # RC changed the captions
 
     # a second invocation re-runs nothing
