@@ -171,22 +171,46 @@ class MapDataset(torch.utils.data.Dataset):
 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Endless batches of ``(index, epoch, batch)``: one seeded permutation per epoch, each rank
-    taking every ``world``-th batch of it, starting anywhere (exact resume without replaying)."""
+    taking every ``world``-th batch of it, starting anywhere (exact resume without replaying).
+
+    With ``weights`` (one per row, > 0) an epoch holds ``floor(sum of weights / max weight)``
+    rows drawn in proportion to their weights: a row repeated r times with weight 1 / r comes
+    about once per epoch, and every batch slot trains at full weight (see :meth:`order`)."""
 
     def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool,
-                 start_epoch: int = 0, start_batch: int = 0):
+                 start_epoch: int = 0, start_batch: int = 0, weights: Optional[torch.Tensor] = None):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.shuffle = seed, shuffle
-        self.batches_per_epoch = n // (batch_size * world)
+        self.weights = None
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+                    or float(weights.max()) <= 0:
+                raise DataError(f"sampling weights must be {n} finite values >= 0, not all zero")
+            self.weights = weights / weights.max()  # <= 1: a row is drawn at most once per epoch
+        self.epoch_rows = n if self.weights is None else int(self.weights.sum())
+        self.batches_per_epoch = self.epoch_rows // (batch_size * world)
         if self.batches_per_epoch == 0:
-            raise DataError(f"the data set has {n} samples, fewer than one global batch "
+            raise DataError(f"an epoch has {self.epoch_rows} samples, fewer than one global batch "
                             f"({batch_size} per device x {world} processes)")
         self.start_epoch, self.start_batch = start_epoch, start_batch
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
-            return torch.arange(self.n)
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch)))
+            return torch.arange(self.n) if self.weights is None else torch.nonzero(self.weights).flatten()
+        generator = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch))
+        perm = torch.randperm(self.n, generator=generator)
+        if self.weights is None:
+            return perm
+        # Systematic sampling along the shuffled rows: lay their weights end to end and keep the
+        # row under each of epoch_rows evenly spaced points (random offset). A row's chance is
+        # its weight x epoch_rows / total (<= 1), and the epoch length is fixed, which keeps
+        # every rank's batch count equal and resume positions valid.
+        ends = torch.cumsum(self.weights[perm], 0)
+        step = float(ends[-1]) / self.epoch_rows
+        points = (float(torch.rand((), generator=generator, dtype=torch.float64)) + torch.arange(
+            self.epoch_rows, dtype=torch.float64)) * step
+        return perm[torch.searchsorted(ends, points, right=True).clamp(max=self.n - 1)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, batch = self.start_epoch, self.start_batch
@@ -394,7 +418,10 @@ def resolve_source(cfg: DictConfig, cache_dir: str, seed: int) -> DictConfig:
 
 
 def build_train_data(cfg: DictConfig, *, batch_size: int, seed: int, rank: int, world: int,
-                     cache_dir: str, position: DataPosition | None = None) -> TrainData:
+                     cache_dir: str, position: DataPosition | None = None, table: Optional[tuple] = None,
+                     sample_weights: Optional[torch.Tensor] = None) -> TrainData:
+    """The training loader. ``table``: ``load_table``'s (table, root), when the caller already has
+    it; ``sample_weights``: one per row, rows drawn in proportion (map-style data only)."""
     position = position or DataPosition()
     transform = ImageTransform(cfg.resolution, cfg.center_crop, cfg.random_flip)
     common = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
@@ -404,10 +431,10 @@ def build_train_data(cfg: DictConfig, *, batch_size: int, seed: int, rank: int, 
                              skip_batches=position.batches_consumed)
         loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, **common)
         return TrainData(loader, None, None)
-    table, root = load_table(cfg, cache_dir)
+    table, root = table if table is not None else load_table(cfg, cache_dir)
     dataset = MapDataset(table, cfg, transform, seed, root)
     sampler = EpochBatchSampler(len(dataset), batch_size, rank, world, seed, shuffle=True,
-                                start_epoch=position.epoch, start_batch=position.batch)
+                                start_epoch=position.epoch, start_batch=position.batch, weights=sample_weights)
     if position.batch >= sampler.batches_per_epoch:
         raise DataError(f"cannot resume at batch {position.batch} of an epoch that now has "
                         f"{sampler.batches_per_epoch} batches (did the data set or batch size change?)")

@@ -141,6 +141,36 @@ def test_ranks_partition_each_epoch_and_resume_continues_the_order():
     assert other_seed != straight
 
 
+def test_weighted_epochs_draw_rows_in_proportion_to_their_weights():
+    # 12 distinct rows and two images repeated 4 times at weight 1/4: 14 rows per epoch
+    weights = torch.tensor([1.0] * 12 + [0.25] * 8)
+    batches = list(islice(iter(EpochBatchSampler(20, 7, 0, 1, seed=5, shuffle=True, weights=weights)), 2 * 400))
+    epochs = [[i for b in batches[k:k + 2] for i, _, _ in b] for k in range(0, len(batches), 2)]  # 2 per epoch
+    assert all(len(e) == len(set(e)) == 14 and set(range(12)) <= set(e) for e in epochs)
+    counts = torch.bincount(torch.tensor([i for e in epochs for i in e]), minlength=20) / len(epochs)
+    assert counts[:12].tolist() == [1.0] * 12
+    assert torch.allclose(counts[12:], torch.full((8,), 0.25), atol=0.06), counts[12:]
+    # ranks split each epoch; resume continues it; scaling the weights changes nothing
+    ranks = [list(islice(iter(EpochBatchSampler(20, 7, r, 2, seed=5, shuffle=True, weights=weights)), 3))
+             for r in range(2)]
+    assert sorted(i for r in ranks for i, e, _ in r[0]) == sorted(epochs[0])
+    straight = list(islice(iter(EpochBatchSampler(20, 7, 0, 1, seed=5, shuffle=True, weights=weights * 3)), 5))
+    resumed = list(islice(iter(EpochBatchSampler(20, 7, 0, 1, seed=5, shuffle=True, weights=weights,
+                                                 start_epoch=1, start_batch=1)), 2))
+    assert resumed == straight[3:] and [e for _, e, _ in straight[2]] == [1] * 7
+
+
+@pytest.mark.parametrize("weights, match", [
+    (torch.zeros(20), "not all zero"), (torch.ones(19), "20 finite values"),
+    (torch.tensor([1.0] * 3 + [0.01] * 17), "fewer than one global batch"),
+])
+def test_bad_sampling_weights_are_refused(weights, match):
+    from data.datasets import DataError
+
+    with pytest.raises(DataError, match=match):
+        EpochBatchSampler(20, 7, 0, 1, seed=0, shuffle=True, weights=weights)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_webdataset_resume_continues_the_stream(tmp_path, workers):
     folder = make_imagefolder(tmp_path / "f", n=12)

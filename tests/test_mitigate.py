@@ -243,6 +243,19 @@ def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, expected
     assert weights == [pytest.approx(expected, rel=1e-5)]
 
 
+def test_trainer_can_deduplicate_by_sampling(tmp_path, cache_dir):
+    """dedup_by=sampling: the 4 repeats count as one row of a 10-row epoch (2 batches of 4 instead
+    of 3 of the 13 rows), and every slot trains at full weight."""
+    from train.finetune import main
+
+    folder = stamped_folder(tmp_path / "d")
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 4, "train.max_steps": 2,
+        "logging.every": 2, "mitigate.weights.dedup": "true", "mitigate.weights.dedup_by": "sampling"}))
+    last = [r for r in read_metrics(run) if "mitig/mean_weight" in r][-1]
+    assert last["mitig/mean_weight"] == 1.0 and last["train/epoch"] == 1.0
+
+
 def test_zero_weight_samples_contribute_exactly_zero_gradient():
     from diffusers import UNet2DConditionModel
 

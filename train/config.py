@@ -235,6 +235,9 @@ class WeightMitigationConfig:
     start_step: int = 0
     dedup: bool = False  # weight 1 / (duplicate group size); needs no monitor
     dedup_max_distance: float = 0.02  # same hash and 8x8 colour thumbnails this close (0-1) = duplicates
+    # how the row weights act: loss (each row's loss x its weight) | sampling (rows drawn in
+    # proportion, each epoch shorter; every batch slot then trains at full weight)
+    dedup_by: str = "loss"
     # region de-duplication (local copies: a stamp/logo in a fixed place on many images): a
     # non-flat tile shared at one place by >= region_min_count distinct images weighs 1 / (their number)
     dedup_regions: bool = False
@@ -516,6 +519,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"mitigate.weights.dedup_max_distance must be in [0, 1] (got {mit.weights.dedup_max_distance})")
     if mit.weights.region_dilate < 0:
         raise ConfigError(f"mitigate.weights.region_dilate must be >= 0 (got {mit.weights.region_dilate})")
+    if mit.weights.dedup_by not in ("loss", "sampling"):
+        raise ConfigError(f"mitigate.weights.dedup_by must be loss or sampling (got {mit.weights.dedup_by!r})")
+    if mit.weights.dedup_by == "sampling" and not (mit.weights.dedup or (
+            mit.weights.dedup_regions and mit.weights.region_scope == "image")):
+        raise ConfigError("mitigate.weights.dedup_by=sampling samples by row weights: set mitigate.weights.dedup=true "
+                          "(or dedup_regions with region_scope=image)")
     if mit.weights.region_scope not in ("region", "image"):
         raise ConfigError(f"mitigate.weights.region_scope must be region or image (got {mit.weights.region_scope!r})")
     validate_eval(cfg.eval)

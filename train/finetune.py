@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from data.atomic import build_once
-from data.datasets import DataError, DataPosition, _seed_of, build_train_data, resolve_source
+from data.datasets import DataError, DataPosition, _seed_of, build_train_data, load_table, resolve_source
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
@@ -252,8 +252,20 @@ def run(cfg: DictConfig) -> Path:
         position = map_data_position(state, world, tcfg.batch_size, cfg.data.num_workers, streaming)
         state.data, state.world_size, state.batch_size = position, world, tcfg.batch_size
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, position.epoch, position.batch)
+    # Map-style data: the table first, for the de-duplication weights (known from the data alone:
+    # whole-image rows, region tile maps), which may decide how rows are sampled.
+    mcfg = cfg.mitigate
+    table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir)
+    dedup, regions = data_weights(mcfg.weights, table, data_cfg.image_column, data_cfg.resolution,
+                                  cfg.model.cache_dir, root)
+    sample_weights = None
+    if mcfg.weights.dedup_by == "sampling":  # rows drawn in proportion instead of weighted in the loss
+        sample_weights, dedup = dedup, None
+        log.info("de-duplication by sampling: %d of %d rows per epoch", int(sample_weights.sum()), len(table))
     data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
-                            cache_dir=cfg.model.cache_dir, position=position)
+                            cache_dir=cfg.model.cache_dir, position=position,
+                            table=None if streaming else (table, root),
+                            sample_weights=sample_weights)
 
     monitor = None
     if cfg.monitor.enabled:
@@ -264,14 +276,10 @@ def run(cfg: DictConfig) -> Path:
             monitor.load(resume_from)
 
     # Mitigations: caption perturbation, per-sample loss weights, attention regularizers.
-    mcfg = cfg.mitigate
     perturb = CaptionPerturber(mcfg.captions, tokenizer, cfg.seed)
     penalties_on = active_terms(mcfg.regularize)
     if penalties_on:
         monitor.capture.with_grad = True  # the penalties backpropagate through the attention
-    # data-only weights (no monitor): whole-image (rows) and region (rows x tiles x tiles) de-duplication
-    dedup, regions = data_weights(mcfg.weights, data.table, data_cfg.image_column, data_cfg.resolution,
-                                  cfg.model.cache_dir, data.root)
 
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
