@@ -27,6 +27,7 @@ from data.testbed import (  # noqa: E402
     calibrate_threshold,
     caption_token_count,
     ensure_testbed,
+    flat_fraction,
     image_kid,
     iou,
     is_local_replica,
@@ -439,6 +440,14 @@ def test_kid_on_images_penalizes_degenerate_outputs(builds):
     assert kid_real < image_kid(noise, real, extractor)
     assert kid_real < image_kid(grey, real, extractor)
     assert np.allclose(extractor(heldout), PixelFeatures()(heldout)), "the default extractor must be fixed"
+    # by block: the noise differs from real images mostly in sharpness, the grey in colour; flat shares
+    blocks = {name: extractor.blocks(x) for name, x in [("real", real), ("held", heldout), ("noise", noise), ("grey", grey)]}
+    assert np.allclose(np.concatenate(list(blocks["held"].values()), axis=1), extractor(heldout))
+    gap = {name: {b: kernel_distance(blocks[name][b], blocks["real"][b]) for b in blocks["real"]}
+           for name in ("held", "noise", "grey")}
+    assert gap["noise"]["sharpness"] > 10 * max(gap["held"]["sharpness"], 1e-4)
+    assert gap["grey"]["colour"] > 10 * max(gap["held"]["colour"], 1e-4)
+    assert flat_fraction(grey) == 1.0 and flat_fraction(noise) < 0.05 and 0.3 < flat_fraction(heldout) < 0.95
 
 
 def test_kept_base_model_loads_and_follows_the_prompt():

@@ -170,6 +170,13 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     assert sum(s.get("prompts", 0) for s in splits.values()) == 6
     assert all(np.isfinite(s["kid"]) for s in splits.values() if s["draws"])
 
+    # the KID breakdown: its whole KID is the evaluator's; the held-out images are ~2/3 flat fill
+    from data.testbed.kid_blocks import block_scores
+
+    blocks = block_scores(tmp_path)  # finds tmp_path/eval/eval.json
+    assert blocks["kid"] == pytest.approx(result["quality"]["kid_clean_generations_vs_heldout"], rel=1e-4)
+    assert blocks["draws"] == 1 and 0.3 < blocks["heldout_flat"] < 0.95 and 0.0 <= blocks["flat"] <= 1.0
+
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
     from data.testbed.evaluate import heldout_loss, load_pipeline
 

@@ -12,6 +12,7 @@ from data.testbed.measures import (
     PixelFeatures,
     calibrate_threshold,
     default_extractor,
+    flat_fraction,
     image_kid,
     iou,
     is_local_replica,
@@ -28,7 +29,7 @@ from data.testbed.measures import (
 
 __all__ = [
     "TestbedParams", "build_testbed", "ensure_testbed", "write_testbed", "caption_token_count",
-    "PixelFeatures", "calibrate_threshold", "default_extractor", "image_kid", "iou", "is_local_replica",
+    "PixelFeatures", "calibrate_threshold", "default_extractor", "flat_fraction", "image_kid", "iou", "is_local_replica",
     "is_replica", "kernel_distance", "masked_distance", "nearest", "own_rank", "pixel_distance", "replica_flags",
     "resize_map", "trivial_iou",
 ]

@@ -15,14 +15,13 @@ splits are different sets of emoji, so compare a split across runs, not the spli
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
 
 from data.testbed.measures import image_kid
-from data.testbed.reading import load_image, read_rows
+from data.testbed.reading import evaluation_draws, heldout_images
 
 
 def touched_samples(run: str | Path) -> tuple[set[str], Path]:
@@ -46,14 +45,9 @@ def touched_samples(run: str | Path) -> tuple[set[str], Path]:
 
 def split_scores(run: str | Path, touched: set[str], root: Path) -> dict[str, dict]:
     """Per split (touched | untouched): clean prompts, KID and median own-image rank, mean over draws."""
-    held = np.stack([load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")])
-    draws = sorted(Path(run).glob("eval*/eval.json"))
-    if not draws:
-        raise FileNotFoundError(f"{run}: no eval*/eval.json (evaluate the run first)")
+    held = heldout_images(root)
     scores: dict[str, dict[str, list]] = {"touched": {}, "untouched": {}}
-    for file in draws:
-        result = json.loads(file.read_text())
-        images = np.load(file.parent / "generations.npz")["images"].astype(np.float64) / 255.0
+    for result, images in evaluation_draws(run):
         ranks: dict[int, list] = {}
         for g in result["generations"]:
             ranks.setdefault(g["prompt"], []).append(g.get("own_rank"))

@@ -342,6 +342,10 @@ class PixelFeatures:
         self.projection = rng.standard_normal((grid * grid * 3, dim)) / np.sqrt(grid * grid * 3)
 
     def __call__(self, images: Any) -> np.ndarray:
+        return np.concatenate(list(self.blocks(images).values()), axis=1)
+
+    def blocks(self, images: Any) -> dict[str, np.ndarray]:
+        """The features by block (layout | colour | sharpness), each scaled as in the whole vector."""
         array = as_array(images)
         if array.ndim == 3:
             array = array[None]
@@ -357,14 +361,24 @@ class PixelFeatures:
 
         edges = np.linspace(0.0, 1.0, self.bins + 1)
         colour = np.concatenate([_histograms(array[..., c].reshape(n, -1), edges) for c in range(3)], axis=1)
-
-        grey = array.mean(axis=-1)
-        gy = np.abs(np.diff(grey, axis=1))[:, :, :-1]
-        gx = np.abs(np.diff(grey, axis=2))[:, :-1, :]
-        magnitude = np.sqrt(gx ** 2 + gy ** 2).reshape(n, -1)
-        sharp = _histograms(np.clip(magnitude, 0, 1), GRADIENT_EDGES)
+        sharp = _histograms(gradient_magnitude(array), GRADIENT_EDGES)
         # Histograms are fractions; scale them so each block weighs about as much as the layout.
-        return np.concatenate([layout, colour * np.sqrt(self.bins), sharp * np.sqrt(len(GRADIENT_EDGES) - 1)], axis=1)
+        return {"layout": layout, "colour": colour * np.sqrt(self.bins),
+                "sharpness": sharp * np.sqrt(len(GRADIENT_EDGES) - 1)}
+
+
+def gradient_magnitude(images: Any) -> np.ndarray:
+    """(N, pixels) gradient magnitudes of the grey images (forward differences), clipped to [0, 1]."""
+    grey = np.clip(as_array(images), 0.0, 1.0).mean(axis=-1)
+    gy = np.abs(np.diff(grey, axis=1))[:, :, :-1]
+    gx = np.abs(np.diff(grey, axis=2))[:, :-1, :]
+    return np.clip(np.sqrt(gx ** 2 + gy ** 2).reshape(len(grey), -1), 0, 1)
+
+
+def flat_fraction(images: Any) -> float:
+    """Share of pixels in flat regions (gradient magnitude below the sharpness histogram's first
+    edge, 0.02): emoji are ~2/3 flat fill; residual noise in a generation shows up here first."""
+    return float(np.mean(gradient_magnitude(images) < GRADIENT_EDGES[1]))
 
 
 def _histograms(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -60,3 +60,18 @@ def training_images(root: str | Path) -> TrainingImages:
     files = sorted(seen)
     return TrainingImages(np.stack([load_image(root, f) for f in files]), files,
                           [seen[f]["source_id"] for f in files], [seen[f]["group"] for f in files])
+
+
+def evaluation_draws(run: str | Path) -> list[tuple[dict, np.ndarray]]:
+    """Each evaluation draw of a run (``eval/``, ``eval-seed<k>/``): its ``eval.json`` and its
+    generations as float (prompts, seeds, H, W, 3) in [0, 1]."""
+    files = sorted(Path(run).glob("eval*/eval.json"))
+    if not files:
+        raise FileNotFoundError(f"{run}: no eval*/eval.json (evaluate the run first)")
+    return [(json.loads(f.read_text()), np.load(f.parent / "generations.npz")["images"].astype(np.float64) / 255.0)
+            for f in files]
+
+
+def heldout_images(root: str | Path) -> np.ndarray:
+    """The held-out images (the quality reference), float32 (N, H, W, 3)."""
+    return np.stack([load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")])
