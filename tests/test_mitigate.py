@@ -223,14 +223,17 @@ def test_region_weights_scale_the_loss_only_under_the_shared_tile():
     assert weighted.tolist() == [pytest.approx(1 / 96), pytest.approx(1 / 16)]
 
 
-@pytest.mark.parametrize("scope, expected", [
+@pytest.mark.parametrize("scope, min_t, expected", [
     # image: (6 stamped x 1/6 + 3 plain x 1 + 4 repeats x 1/4) / 13; region: the stamped rows keep 12 of
     # their 16 tiles in full, the stamp's and its 3 neighbours' (region_dilate 1) at 1/6; one epoch of
     # 13 rows in one batch sees it exactly
-    ("image", 5 / 13),
-    ("region", (6 * (12 + 4 / 6) / 16 + 3 + 4 / 4) / 13),
+    ("image", 0, 5 / 13),
+    ("region", 0, (6 * (12 + 4 / 6) / 16 + 3 + 4 / 4) / 13),
+    # dedup_min_t above every timestep: the weights never act
+    ("image", 1000, 1.0),
+    ("region", 1000, 1.0),
 ])
-def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, expected):
+def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, min_t, expected):
     from train.finetune import main
 
     folder = stamped_folder(tmp_path / "d")
@@ -238,7 +241,7 @@ def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, expected
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 1,
         "mitigate.weights.dedup": "true", "mitigate.weights.dedup_regions": "true",
         "mitigate.weights.region_tiles": 4, "mitigate.weights.region_min_count": 3,
-        "mitigate.weights.region_scope": scope}))
+        "mitigate.weights.region_scope": scope, "mitigate.weights.dedup_min_t": min_t}))
     weights = [r["mitig/mean_weight"] for r in read_metrics(run) if "mitig/mean_weight" in r]
     assert weights == [pytest.approx(expected, rel=1e-5)]
 

@@ -245,6 +245,9 @@ class WeightMitigationConfig:
     region_min_count: int = 20
     region_dilate: int = 1  # marked tiles pass their weight on to neighbours this many tiles away
     region_scope: str = "region"  # region: weight the loss under the shared tiles | image: whole rows
+    # de-duplication loss weights apply at timesteps >= dedup_min_t only: below it every image trains
+    # in full (the last, low-noise steps refine detail; what an image is is decided at higher noise)
+    dedup_min_t: int = 0
 
 
 @dataclass
@@ -515,6 +518,8 @@ def validate(cfg: DictConfig) -> None:
                                       or mit.weights.region_min_count < 2):
         raise ConfigError(f"mitigate.weights.region_tiles must divide data.resolution ({d.resolution}) and "
                           f"region_min_count must be >= 2 (got {mit.weights.region_tiles}, {mit.weights.region_min_count})")
+    if mit.weights.dedup_min_t < 0:
+        raise ConfigError(f"mitigate.weights.dedup_min_t must be >= 0 (got {mit.weights.dedup_min_t})")
     if not 0.0 <= mit.weights.dedup_max_distance <= 1.0:
         raise ConfigError(f"mitigate.weights.dedup_max_distance must be in [0, 1] (got {mit.weights.dedup_max_distance})")
     if mit.weights.region_dilate < 0:

@@ -332,7 +332,10 @@ def run(cfg: DictConfig) -> Path:
             # 4. loss per sample; 5. signals -> gathered -> ledger (same on every rank), flags
             loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
             # what is optimized: the same, weighted under shared regions (the monitor sees the plain loss)
-            where = loss_map(regions[batch["index"]], latents.shape[-2:]).to(device) if regions is not None else None
+            # de-duplication weights act from timestep dedup_min_t up (below it, every image trains in full)
+            dedup_on = (timesteps >= mcfg.weights.dedup_min_t).cpu()
+            where = (loss_map(torch.where(dedup_on[:, None, None], regions[batch["index"]], 1.0), latents.shape[-2:])
+                     .to(device) if regions is not None else None)
             objective = (per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma, where)
                          if where is not None else loss_vec)
             penalties = attention_penalties(mcfg.regularize, monitor.capture, timesteps) if penalties_on else {}
@@ -343,7 +346,7 @@ def run(cfg: DictConfig) -> Path:
             # 6. mitigation: a weight per sample (0 = drop) and attention penalties
             weights = flag_weights(mcfg.weights, flagged, scores, state.step)
             if dedup is not None:
-                weights = weights * dedup[batch["index"]]
+                weights = weights * torch.where(dedup_on, dedup[batch["index"]], 1.0)
             weights = weights.to(device)
             reg_mask = ((flagged if mcfg.regularize.target == "flagged" else torch.ones_like(flagged))
                         & torch.tensor(state.step >= mcfg.regularize.start_step)).to(device, loss_vec.dtype)
