@@ -49,7 +49,7 @@ import numpy as np
 
 from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
                                    pixel_distance, replica_flags)
-from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images
+from data.testbed.reading import heldout_images, load_image, load_mask, read_manifest, read_rows, training_images
 
 GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
 
@@ -293,11 +293,10 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
               "heldout_calibration": group_summary("heldout_calibration", calib)}
 
     # Quality: all clean-prompt generations vs the held-out images.
-    heldout = read_rows(root, split="heldout")
     quality: dict[str, Any] = {"extractor": "PixelFeatures (data.testbed.measures.default_extractor)"}
     clean_gen = images[group == "clean"].reshape(-1, *images.shape[2:])
-    if len(heldout) >= 2 and len(clean_gen) >= 2:
-        held = np.stack([load_image(root, r["file_name"]) for r in heldout])
+    held = heldout_images(root)
+    if len(held) >= 2 and len(clean_gen) >= 2:
         clean_train = train.images[np.array(train.groups) == "clean"]
         quality.update(
             kid_clean_generations_vs_heldout=image_kid(clean_gen, held, extractor),

@@ -73,5 +73,6 @@ def evaluation_draws(run: str | Path) -> list[tuple[dict, np.ndarray]]:
 
 
 def heldout_images(root: str | Path) -> np.ndarray:
-    """The held-out images (the quality reference), float32 (N, H, W, 3)."""
-    return np.stack([load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")])
+    """The held-out images (the quality reference), float32 (N, H, W, 3); N may be 0."""
+    images = [load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")]
+    return np.stack(images) if images else np.zeros((0, 0, 0, 3), dtype=np.float32)
