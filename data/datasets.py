@@ -173,7 +173,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Endless batches of ``(index, epoch, batch)``: one seeded permutation per epoch, each rank
     taking every ``world``-th batch of it, starting anywhere (exact resume without replaying).
 
-    With ``weights`` (one per row, > 0) an epoch holds ``floor(sum of weights / max weight)``
+    With ``weights`` (one per row, >= 0; shuffled epochs only) an epoch holds ``floor(sum of weights / max weight)``
     rows drawn in proportion to their weights: a row repeated r times with weight 1 / r comes
     about once per epoch, and every batch slot trains at full weight (see :meth:`order`)."""
 
@@ -183,6 +183,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.seed, self.shuffle = seed, shuffle
         self.weights = None
         if weights is not None:
+            if not shuffle:
+                raise DataError("sampling weights draw each epoch at random: they need shuffle=True")
             weights = torch.as_tensor(weights, dtype=torch.float64)
             if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
                     or float(weights.max()) <= 0:
@@ -197,7 +199,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
-            return torch.arange(self.n) if self.weights is None else torch.nonzero(self.weights).flatten()
+            return torch.arange(self.n)
         generator = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch))
         perm = torch.randperm(self.n, generator=generator)
         if self.weights is None:
@@ -210,6 +212,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         step = float(ends[-1]) / self.epoch_rows
         points = (float(torch.rand((), generator=generator, dtype=torch.float64)) + torch.arange(
             self.epoch_rows, dtype=torch.float64)) * step
+        # (the clamp only guards the last point against float rounding at the very end)
         return perm[torch.searchsorted(ends, points, right=True).clamp(max=self.n - 1)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:

@@ -169,6 +169,8 @@ def test_bad_sampling_weights_are_refused(weights, match):
 
     with pytest.raises(DataError, match=match):
         EpochBatchSampler(20, 7, 0, 1, seed=0, shuffle=True, weights=weights)
+    with pytest.raises(DataError, match="shuffle=True"):
+        EpochBatchSampler(20, 7, 0, 1, seed=0, shuffle=False, weights=torch.ones(20))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

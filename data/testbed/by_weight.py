@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data.testbed.measures import image_kid
-from data.testbed.reading import evaluation_draws, heldout_images
+from data.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 
 def touched_samples(run: str | Path) -> tuple[set[str], Path]:
@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             if s["draws"]:
                 lines.append(f"| `{run}` | {split} | {s['prompts']:.0f} | {s['kid']:.5f} | "
                              f"{s['own_rank_median']:.3f} | {s['draws']} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit_table(lines, a.out)
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data.testbed.measures import PixelFeatures, flat_fraction, kernel_distance
-from data.testbed.reading import evaluation_draws, heldout_images
+from data.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 BLOCKS = ("layout", "colour", "sharpness")
 
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         s = block_scores(run)
         lines.append(f"| `{run}` | {s['kid']:.5f} | {s['layout']:.5f} | {s['colour']:.5f} | {s['sharpness']:.4f} | "
                      f"{s['flat']:.3f} | {s['heldout_flat']:.3f} | {s['draws']} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit_table(lines, a.out)
     return 0
 
 

@@ -76,3 +76,12 @@ def heldout_images(root: str | Path) -> np.ndarray:
     """The held-out images (the quality reference), float32 (N, H, W, 3); N may be 0."""
     images = [load_image(root, r["file_name"]) for r in read_rows(root, split="heldout")]
     return np.stack(images) if images else np.zeros((0, 0, 0, 3), dtype=np.float32)
+
+
+def emit_table(lines: list[str], out: str | Path | None = None) -> str:
+    """Print a markdown table (its lines) and, with ``out``, also write it there."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    return text
