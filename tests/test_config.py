@@ -43,9 +43,9 @@ def test_later_files_and_overrides_win(tmp_path):
     (["mitigate.weights.region_scope=pixels"], r"region_scope must be region or image"),
     (["mitigate.weights.region_dilate=-1"], r"region_dilate must be >= 0"),
     (["mitigate.weights.dedup_max_distance=1.5"], r"dedup_max_distance must be in \[0, 1\]"),
-    (["mitigate.weights.dedup_by=sample"], r"dedup_by must be loss or sampling"),
+    (["mitigate.weights.dedup_by=sample"], r"dedup_by must be loss, sampling or caption"),
     (["mitigate.weights.dedup_min_t=-1"], r"dedup_min_t must be >= 0"),
-    (["mitigate.weights.dedup_by=sampling"], r"dedup_by=sampling samples by row weights"),
+    (["mitigate.weights.dedup_by=sampling"], r"dedup_by=sampling acts on row weights"),
     (["trainlr=1"], r"not of the form|unknown config key 'trainlr'"),
 ])
 def test_incompatible_or_bad_settings_fail_at_start(overrides, message):

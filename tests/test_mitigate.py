@@ -259,6 +259,43 @@ def test_trainer_can_deduplicate_by_sampling(tmp_path, cache_dir):
     assert last["mitig/mean_weight"] == 1.0 and last["train/epoch"] == 1.0
 
 
+def test_trainer_can_deduplicate_by_caption(tmp_path, cache_dir, monkeypatch):
+    """dedup_by=caption: the 4 repeats (weight 1/4) keep their caption about once in 4 draws and
+    train on the empty prompt otherwise; every other row keeps its caption; all at full weight."""
+    import train.finetune as finetune
+
+    seen = []
+    real_encode = finetune.encode_text
+    monkeypatch.setattr(finetune, "encode_text", lambda tok, enc, captions, device: (
+        seen.append(list(captions)), real_encode(tok, enc, captions, device))[1])
+    folder = stamped_folder(tmp_path / "d")
+    run = finetune.main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 6,
+        "logging.every": 6, "monitor.enabled": "false", "train.caption_dropout": 0.0,
+        "mitigate.weights.dedup": "true", "mitigate.weights.dedup_by": "caption"}))
+    captions = [c for batch in seen for c in batch]
+    repeats = [c for c in captions if c in ("", "image number 9", "image number 10", "image number 11",
+                                            "image number 12")]
+    assert len(captions) == 6 * 13 and len(repeats) == 6 * 4
+    assert captions.count("") == repeats.count("")  # only the repeats lose their caption
+    assert 0.5 * 6 <= len(repeats) - repeats.count("") <= 2 * 6  # ~6 of 24 captioned (1/4)
+    last = [r for r in read_metrics(run) if "mitig/mean_weight" in r][-1]
+    assert last["mitig/mean_weight"] == 1.0 and last["train/epoch"] == 6.0
+
+
+def test_caption_keep_probability_scales_the_dropout():
+    from train.finetune import captions_for_batch
+
+    n = 4000
+    batch = {"text": ["a caption"] * n, "sample_id": [f"id-{i}" for i in range(n)], "epoch": 3}
+    plain = captions_for_batch(batch, 0, 0.1)
+    assert captions_for_batch(batch, 0, 0.1, torch.ones(n)) == plain  # keep 1 = plain dropout, draw for draw
+    for keep in (0.0, 0.25):
+        kept = sum(c != "" for c in captions_for_batch(batch, 0, 0.1, torch.full((n,), keep))) / n
+        assert kept == pytest.approx(0.9 * keep, abs=0.02)
+    assert sum(c != "" for c in plain) / n == pytest.approx(0.9, abs=0.02)
+
+
 def test_zero_weight_samples_contribute_exactly_zero_gradient():
     from diffusers import UNet2DConditionModel
 

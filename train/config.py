@@ -236,7 +236,9 @@ class WeightMitigationConfig:
     dedup: bool = False  # weight 1 / (duplicate group size); needs no monitor
     dedup_max_distance: float = 0.02  # same hash and 8x8 colour thumbnails this close (0-1) = duplicates
     # how the row weights act: loss (each row's loss x its weight) | sampling (rows drawn in
-    # proportion, each epoch shorter; every batch slot then trains at full weight)
+    # proportion, each epoch shorter; every batch slot then trains at full weight) | caption (a row
+    # keeps its caption with probability = its weight, else trains on the empty prompt at full
+    # weight: a repeat's pixels still train, its caption-image link ~once per epoch)
     dedup_by: str = "loss"
     # region de-duplication (local copies: a stamp/logo in a fixed place on many images): a
     # non-flat tile shared at one place by >= region_min_count distinct images weighs 1 / (their number)
@@ -524,12 +526,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"mitigate.weights.dedup_max_distance must be in [0, 1] (got {mit.weights.dedup_max_distance})")
     if mit.weights.region_dilate < 0:
         raise ConfigError(f"mitigate.weights.region_dilate must be >= 0 (got {mit.weights.region_dilate})")
-    if mit.weights.dedup_by not in ("loss", "sampling"):
-        raise ConfigError(f"mitigate.weights.dedup_by must be loss or sampling (got {mit.weights.dedup_by!r})")
-    if mit.weights.dedup_by == "sampling" and not (mit.weights.dedup or (
+    if mit.weights.dedup_by not in ("loss", "sampling", "caption"):
+        raise ConfigError(f"mitigate.weights.dedup_by must be loss, sampling or caption (got {mit.weights.dedup_by!r})")
+    if mit.weights.dedup_by != "loss" and not (mit.weights.dedup or (
             mit.weights.dedup_regions and mit.weights.region_scope == "image")):
-        raise ConfigError("mitigate.weights.dedup_by=sampling samples by row weights: set mitigate.weights.dedup=true "
-                          "(or dedup_regions with region_scope=image)")
+        raise ConfigError(f"mitigate.weights.dedup_by={mit.weights.dedup_by} acts on row weights: set "
+                          "mitigate.weights.dedup=true (or dedup_regions with region_scope=image)")
     if mit.weights.region_scope not in ("region", "image"):
         raise ConfigError(f"mitigate.weights.region_scope must be region or image (got {mit.weights.region_scope!r})")
     validate_eval(cfg.eval)

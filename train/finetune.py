@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python train/finetune.py` / `accelerate launch train/finetune.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -128,14 +129,20 @@ def build_lr_scheduler(optimizer, train_cfg: DictConfig):
 # --------------------------------------------------------------------------------------------
 
 
-def captions_for_batch(batch: dict, seed: int, caption_dropout: float) -> list[str]:
-    """The caption each sample trains on; dropout to "" is seeded per (epoch, sample) for resume."""
-    if caption_dropout <= 0:
+def captions_for_batch(batch: dict, seed: int, caption_dropout: float,
+                       keep: Optional[torch.Tensor] = None) -> list[str]:
+    """The caption each sample trains on; dropout to "" is seeded per (epoch, sample) for resume.
+    ``keep`` (per sample, in [0, 1]) scales the chance of keeping the caption: a sample keeps it
+    with probability (1 - caption_dropout) x keep (de-duplication by caption)."""
+    if caption_dropout <= 0 and keep is None:
         return list(batch["text"])
     import random
 
-    return ["" if random.Random(_seed_of(seed, "caption-dropout", batch["epoch"], sid)).random() < caption_dropout
-            else text for text, sid in zip(batch["text"], batch["sample_id"])]
+    keep = [1.0] * len(batch["text"]) if keep is None else keep.tolist()
+    # drop below p + (1 - p)(1 - keep): exactly caption_dropout where keep = 1
+    return ["" if random.Random(_seed_of(seed, "caption-dropout", batch["epoch"], sid)).random()
+            < caption_dropout + (1 - caption_dropout) * (1 - k) else text
+            for text, sid, k in zip(batch["text"], batch["sample_id"], keep)]
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
@@ -258,10 +265,14 @@ def run(cfg: DictConfig) -> Path:
     table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir)
     dedup, regions = data_weights(mcfg.weights, table, data_cfg.image_column, data_cfg.resolution,
                                   cfg.model.cache_dir, root)
-    sample_weights = None
+    sample_weights = keep_caption = None
     if mcfg.weights.dedup_by == "sampling":  # rows drawn in proportion instead of weighted in the loss
         sample_weights, dedup = dedup, None
         log.info("de-duplication by sampling: %d of %d rows per epoch", int(sample_weights.sum()), len(table))
+    elif mcfg.weights.dedup_by == "caption":  # rows keep their caption in proportion, train in full
+        keep_caption, dedup = dedup, None
+        log.info("de-duplication by caption: %d of %d rows keep their caption less often (%.0f captioned per epoch)",
+                 int((keep_caption < 1).sum()), len(table), float(keep_caption.sum()))
     data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
                             cache_dir=cfg.model.cache_dir, position=position,
                             table=None if streaming else (table, root),
@@ -314,7 +325,8 @@ def run(cfg: DictConfig) -> Path:
                                       generator=rng, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             flagged, scores = monitor.flags(batch) if monitor is not None else (torch.zeros(bsz, dtype=torch.bool), None)
-            captions = captions_for_batch(batch, cfg.seed, tcfg.caption_dropout)
+            captions = captions_for_batch(batch, cfg.seed, tcfg.caption_dropout,
+                                          None if keep_caption is None else keep_caption[batch["index"]])
             perturbed = perturb.applies(state.step, flagged)
             captions = perturb(captions, batch["captions"], batch["sample_id"], state.micro_step, perturbed)
             with nullcontext() if tcfg.text_encoder else torch.no_grad():
