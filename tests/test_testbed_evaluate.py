@@ -140,6 +140,29 @@ def test_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
     assert result["thresholds"]["replica"] > 0.01
     assert result["groups"]["global"]["replica_rate"] == 1.0
 
+def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
+    """Exact global images count as copies (a clean training image does not: it is no planted
+    copy); a noise image carrying a stamp shows that stamp."""
+    from data.testbed.reading import stamps, training_images
+    from data.testbed.unprompted import count_copies
+
+    train = training_images(testbed)
+    groups = np.asarray(train.groups)
+    planted = train.images[groups == "global"]
+    image, mask = stamps(testbed)[1]
+    stamped = np.random.default_rng(0).random(image.shape).astype(np.float32)
+    stamped[mask] = image[mask]
+    images = np.concatenate([planted, planted[:1], train.images[groups == "clean"][:3], stamped[None]])
+    counted = count_copies(images, testbed, {"replica": 1e-3, "region": {"0": 1e-3, "1": 1e-3}})
+    assert counted["images"] == 8 and counted["global_copy_rate"] == 4 / 8
+    assert counted["distinct_global_copied"] == TINY["n_global"] and counted["stamp_rate"] == 1 / 16  # 1 of 8 images shows 1 of 2 stamps
+    rows = TINY["n_clean"] + TINY["n_global"] * TINY["global_repeats"] + TINY["n_local_groups"] * TINY["local_per_group"]
+    assert counted["global_rows"] == pytest.approx(TINY["n_global"] * TINY["global_repeats"] / rows)
+    assert counted["local_rows"] == pytest.approx(TINY["n_local_groups"] * TINY["local_per_group"] / rows)
+    # a looser replica threshold does not make a clean image a planted copy
+    assert count_copies(images, testbed, {"replica": 10.0, "region": {"0": 1e-3, "1": 1e-3}})["global_copy_rate"] == 4 / 8
+
+
 def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     from tests.conftest import fast_overrides
     from train.finetune import main as train
@@ -148,7 +171,7 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     run = train(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "testbed", "data.resolution": 16, "train.max_steps": 2, "train.checkpoint_every": 2,
         "train.caption_dropout": 0.1, "mitigate.weights.dedup": True, **knobs}))
-    out = tmp_path / "eval"
+    out = run / "eval"
     assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
                  "--local-per-group", "1", "--clean", "6", "--calibration", "4"]) == 0
     result = json.loads((out / "eval.json").read_text())
@@ -166,16 +189,23 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     rows = read_rows(root, split="train")
     assert {r["sample_id"] for r in rows if r["group"] == "global"} <= touched
     assert len(touched) < len(rows) and str(root) == result["testbed"]
-    splits = split_scores(tmp_path, touched, root)  # finds tmp_path/eval/eval.json
+    splits = split_scores(run, touched, root)  # finds run/eval/eval.json
     assert sum(s.get("prompts", 0) for s in splits.values()) == 6
     assert all(np.isfinite(s["kid"]) for s in splits.values() if s["draws"])
 
     # the KID breakdown: its whole KID is the evaluator's; the held-out images are ~2/3 flat fill
     from data.testbed.kid_blocks import block_scores
 
-    blocks = block_scores(tmp_path)  # finds tmp_path/eval/eval.json
+    blocks = block_scores(run)  # finds run/eval/eval.json
     assert blocks["kid"] == pytest.approx(result["quality"]["kid_clean_generations_vs_heldout"], rel=1e-4)
     assert blocks["draws"] == 1 and 0.3 < blocks["heldout_flat"] < 0.95 and 0.0 <= blocks["flat"] <= 1.0
+
+    # empty-prompt generations, scored with the run's evaluation thresholds
+    from data.testbed.unprompted import main as unprompted
+
+    assert unprompted(["--runs", str(run), "--images", "3", "--steps", "2", "--out", str(tmp_path / "u.md")]) == 0
+    table = (tmp_path / "u.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith(f"| `{run}` | 3 |")
 
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
     from data.testbed.evaluate import heldout_loss, load_pipeline

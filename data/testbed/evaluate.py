@@ -49,7 +49,8 @@ import numpy as np
 
 from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
                                    pixel_distance, replica_flags)
-from data.testbed.reading import heldout_images, load_image, load_mask, read_manifest, read_rows, training_images
+from data.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
+                                  training_images)
 
 GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
 
@@ -227,12 +228,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     threshold = calibrate_threshold(calib_distance, quantile)
     replica = nn_is_own & (nn_distance < threshold)
 
-    # Stamps: one (own image, mask) per local group; every local image carries the same stamp pixels.
-    rows = read_rows(root, split="train")
-    stamps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for row in rows:
-        if row["group"] == "local" and row["local_group"] not in stamps:
-            stamps[row["local_group"]] = (load_image(root, row["file_name"]), load_mask(root, row))
+    stamps = stamps_of(root)  # one (image, mask) per local group
     cal_images = images[calib].reshape(-1, *images.shape[2:])
     region_threshold = {g: calibrate_threshold(masked_distance(cal_images, img, mask), quantile)
                         for g, (img, mask) in stamps.items()}

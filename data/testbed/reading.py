@@ -43,6 +43,16 @@ def load_mask(root: str | Path, row: dict) -> np.ndarray | None:
     return None
 
 
+def stamps(root: str | Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each local group's stamp: (the group's first image, its stamp mask). Every image of a
+    group carries the same stamp pixels under the mask, so one image stands for the stamp."""
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for row in read_rows(root, split="train", group="local"):
+        if row["local_group"] not in out:
+            out[row["local_group"]] = (load_image(root, row["file_name"]), load_mask(root, row))
+    return out
+
+
 @dataclass
 class TrainingImages:
     """Each distinct training image once (global copies collapsed), for nearest-neighbour search."""
