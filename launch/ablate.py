@@ -656,6 +656,8 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
         out["clean_local_replica_rate"] = s.get("clean_local_replica_rate")
         out["heldout_loss"] = s.get("heldout_loss")
         out["clean_own_rank"] = s.get("clean_own_rank_median")
+        out["unprompted_global_rate"] = s.get("unprompted_global_copy_rate")
+        out["unprompted_stamp_rate"] = s.get("unprompted_stamp_rate")
         iou = [k for k in s if "iou" in k.lower()]
         out["localization_iou"] = s[iou[0]] if iou else None
         quality = [k for k in s if k.lower().startswith(("kid", "fid", "quality"))]
@@ -683,6 +685,8 @@ TABLE_COLUMNS = [
     ("quality_kid", "KID (quality, lower better)"),
     ("heldout_loss", "held-out loss"),
     ("clean_own_rank", "clean own-image rank (prompt fidelity, lower better)"),
+    ("unprompted_global_rate", "global copies, empty prompt"),
+    ("unprompted_stamp_rate", "stamps, empty prompt"),
     ("det_auc_global", "det. AUC global"),
     ("det_tpr1fpr_global", "TPR@1%FPR global"),
     ("det_auc_local", "det. AUC local"),

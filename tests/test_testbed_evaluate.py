@@ -143,8 +143,8 @@ def test_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
 def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
     """Exact global images count as copies (a clean training image does not: it is no planted
     copy); a noise image carrying a stamp shows that stamp."""
+    from data.testbed.evaluate import score_unprompted
     from data.testbed.reading import stamps, training_images
-    from data.testbed.unprompted import count_copies
 
     train = training_images(testbed)
     groups = np.asarray(train.groups)
@@ -153,14 +153,14 @@ def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
     stamped = np.random.default_rng(0).random(image.shape).astype(np.float32)
     stamped[mask] = image[mask]
     images = np.concatenate([planted, planted[:1], train.images[groups == "clean"][:3], stamped[None]])
-    counted = count_copies(images, testbed, {"replica": 1e-3, "region": {"0": 1e-3, "1": 1e-3}})
+    counted = score_unprompted(images, testbed, {"replica": 1e-3, "region": {"0": 1e-3, "1": 1e-3}})
     assert counted["images"] == 8 and counted["global_copy_rate"] == 4 / 8
     assert counted["distinct_global_copied"] == TINY["n_global"] and counted["stamp_rate"] == 1 / 16  # 1 of 8 images shows 1 of 2 stamps
     rows = TINY["n_clean"] + TINY["n_global"] * TINY["global_repeats"] + TINY["n_local_groups"] * TINY["local_per_group"]
     assert counted["global_rows"] == pytest.approx(TINY["n_global"] * TINY["global_repeats"] / rows)
     assert counted["local_rows"] == pytest.approx(TINY["n_local_groups"] * TINY["local_per_group"] / rows)
     # a looser replica threshold does not make a clean image a planted copy
-    assert count_copies(images, testbed, {"replica": 10.0, "region": {"0": 1e-3, "1": 1e-3}})["global_copy_rate"] == 4 / 8
+    assert score_unprompted(images, testbed, {"replica": 10.0, "region": {"0": 1e-3, "1": 1e-3}})["global_copy_rate"] == 4 / 8
 
 
 def test_cli_on_a_two_step_run(tmp_path, cache_dir):
@@ -173,8 +173,9 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
         "train.caption_dropout": 0.1, "mitigate.weights.dedup": True, **knobs}))
     out = run / "eval"
     assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
-                 "--local-per-group", "1", "--clean", "6", "--calibration", "4"]) == 0
+                 "--local-per-group", "1", "--clean", "6", "--calibration", "4", "--unprompted", "3"]) == 0
     result = json.loads((out / "eval.json").read_text())
+    assert result["unprompted"]["images"] == 3 and result["settings"]["unprompted"] == 3
     assert (out / "grid.png").is_file() and (out / "generations.npz").is_file()
     for value in result["summary"].values():
         assert value is not None

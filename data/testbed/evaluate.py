@@ -320,6 +320,26 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     }
 
 
+def score_unprompted(images: np.ndarray, root: str | Path, thresholds: dict) -> dict:
+    """Planted copies among generations nobody asked for (``images`` (N, H, W, 3) in [0, 1], from
+    the empty prompt), with an evaluation's ``thresholds`` ({"replica": float, "region": {group:
+    float}}): global copies (nearest training image a planted global one, closer than the replica
+    threshold; also how many distinct ones) and stamps (per stamp, as clean prompts' are counted:
+    the region thresholds pass 5% of held-out prompts' generations for each). For scale, the
+    share of global and local training rows: what a model reproducing its rows would give."""
+    train = training_images(root)
+    index, distance = nearest(images, train.images)
+    copy = (np.asarray(train.groups)[index] == "global") & (distance < thresholds["replica"])
+    shown = np.stack([masked_distance(images, image, mask) < thresholds["region"][str(group)]
+                      for group, (image, mask) in stamps_of(root).items()], axis=1)
+    rows = read_rows(root, split="train")
+    return {"images": len(images), "global_copy_rate": float(copy.mean()),
+            "distinct_global_copied": len({train.file_names[i] for i in index[copy]}),
+            "stamp_rate": float((shown & ~copy[:, None]).mean()),
+            "global_rows": float(np.mean([r["group"] == "global" for r in rows])),
+            "local_rows": float(np.mean([r["group"] == "local" for r in rows]))}
+
+
 # --------------------------------------------------------------------------------------------
 # Picture grid
 # --------------------------------------------------------------------------------------------
@@ -395,7 +415,7 @@ def testbed_of_run(model: str | Path) -> Path:
 def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,
              guidance: float = 3.0, local_per_group: int = 6, n_clean: int = 128, n_calibration: int = 100, seed: int = 0,
              batch: int = 64, grid_rows: int = 4, quantile: float = 0.05, spacing: str = "trailing",
-             rescore: bool = False) -> dict:
+             rescore: bool = False, unprompted: int = 256) -> dict:
     root = Path(testbed) if testbed else testbed_of_run(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +426,9 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
     if rescore:  # the measures changed, the model did not: score the saved images again
         if not saved.is_file():
             raise FileNotFoundError(f"--rescore: no {saved} from an earlier evaluation")
-        images = np.load(saved)["images"].astype(np.float32) / 255.0
+        with np.load(saved) as kept:
+            images = kept["images"].astype(np.float32) / 255.0
+            empty = kept["unprompted"].astype(np.float32) / 255.0 if "unprompted" in kept else None
         if images.shape[:2] != (len(prompts), seeds):
             raise ValueError(f"--rescore: {saved} holds {images.shape[:2]} (prompts, seeds), the settings give "
                              f"{(len(prompts), seeds)}; pass the settings of the earlier evaluation")
@@ -415,11 +437,16 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
     else:
         pipe = load_pipeline(model, spacing)
         images = generate(pipe, [p.text for p in prompts], seeds, resolution, steps, guidance, batch, seed)
+        # the empty prompt without guidance: the unconditional model (copies drawn unasked)
+        empty = (generate(pipe, [""], unprompted, resolution, steps, 1.0, batch, seed)[0] if unprompted
+                 else np.zeros((0, resolution, resolution, 3), np.float32))
         gen_seconds = round(time.perf_counter() - start, 1)
-        as_uint8 = (images * 255).round().astype(np.uint8)
-        np.savez_compressed(saved, images=as_uint8)
-        images = as_uint8.astype(np.float32) / 255.0  # score what is saved, so --rescore reproduces it
+        as_uint8, empty_uint8 = ((x * 255).round().astype(np.uint8) for x in (images, empty))
+        np.savez_compressed(saved, images=as_uint8, unprompted=empty_uint8)
+        # score what is saved, so --rescore reproduces it
+        images, empty = as_uint8.astype(np.float32) / 255.0, empty_uint8.astype(np.float32) / 255.0
     result = score(images, prompts, root, quantile)
+    result["unprompted"] = score_unprompted(empty, root, result["thresholds"]) if empty is not None and len(empty) else None
     # fixed noise (not the draw's seed): every model and every draw is compared on the same inputs;
     # a property of the model, so --rescore keeps the earlier value when there is one
     loss_keys = ("heldout_loss", "images", "timesteps", "per_timestep")
@@ -437,11 +464,14 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         "kid_clean_vs_heldout": result["quality"].get("kid_clean_generations_vs_heldout"),
         "heldout_loss": result["quality"]["heldout_loss"],
         "clean_own_rank_median": g["clean"].get("own_rank_median"),
+        "unprompted_global_copy_rate": (result["unprompted"] or {}).get("global_copy_rate"),
+        "unprompted_stamp_rate": (result["unprompted"] or {}).get("stamp_rate"),
     }
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
                            "local_per_group": local_per_group, "n_clean": n_clean,
                            "n_calibration": n_calibration, "seed": seed,
+                           "unprompted": 0 if empty is None else len(empty),
                            "resolution": resolution},
               "generation_seconds": gen_seconds, **result, "grid": {"file": "grid.png", "rows": shown}}
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -469,9 +499,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="DDIM timestep spacing")
     p.add_argument("--rescore", action="store_true",
                    help="score OUT/generations.npz of an earlier run again instead of generating")
+    p.add_argument("--unprompted", type=int, default=256,
+                   help="empty-prompt generations without guidance, checked for planted copies (0 = none)")
     a = p.parse_args(argv)
     result = evaluate(a.model, a.testbed, a.out, a.seeds, a.steps, a.guidance, a.local_per_group, a.clean,
-                      a.calibration, a.seed, a.batch, a.grid_rows, a.quantile, a.spacing, a.rescore)
+                      a.calibration, a.seed, a.batch, a.grid_rows, a.quantile, a.spacing, a.rescore, a.unprompted)
     print(json.dumps({"summary": result["summary"], "thresholds": result["thresholds"],
                       "generation_seconds": result["generation_seconds"],
                       "groups": {k: {kk: v for kk, v in d.items()} for k, d in result["groups"].items()}}, indent=1))
