@@ -5,7 +5,7 @@
 The replica rates of :mod:`data.testbed.evaluate` ask for each copy by its own caption. A
 mitigation that only weakens the link between a caption and its image (``mitigate.weights.
 dedup_by: caption`` trains the copies mostly on the empty prompt) can leave the model drawing the
-copies anyway, unasked. ``evaluate`` now scores that itself (``--unprompted``, the ``unprompted``
+copies anyway, unasked. ``evaluate`` scores that itself (``--unprompted``, the ``unprompted``
 section of ``eval.json``); this tool does the same for runs evaluated before: ``--images``
 empty-prompt generations without guidance from each run's ``final/`` pipeline, scored by
 :func:`data.testbed.evaluate.score_unprompted` with the thresholds of the run's first evaluation
