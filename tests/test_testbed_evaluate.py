@@ -163,6 +163,17 @@ def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
     assert score_unprompted(images, testbed, {"replica": 10.0, "region": {"0": 1e-3, "1": 1e-3}})["global_copy_rate"] == 4 / 8
 
 
+def test_unprompted_copies_on_a_testbed_without_stamps(tmp_path):
+    from data.testbed.evaluate import score_unprompted
+    from data.testbed.reading import training_images
+
+    root = build_testbed(tmp_path / "tb", resolution=16, seed=0, **(TINY | {"n_local_groups": 0}))
+    planted = training_images(root)
+    planted = planted.images[np.asarray(planted.groups) == "global"]
+    counted = score_unprompted(planted, root, {"replica": 1e-3, "region": {}})
+    assert counted["global_copy_rate"] == 1.0 and counted["stamp_rate"] is None and counted["local_rows"] == 0.0
+
+
 def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     from tests.conftest import fast_overrides
     from train.finetune import main as train

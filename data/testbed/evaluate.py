@@ -330,12 +330,12 @@ def score_unprompted(images: np.ndarray, root: str | Path, thresholds: dict) -> 
     train = training_images(root)
     index, distance = nearest(images, train.images)
     copy = (np.asarray(train.groups)[index] == "global") & (distance < thresholds["replica"])
-    shown = np.stack([masked_distance(images, image, mask) < thresholds["region"][str(group)]
-                      for group, (image, mask) in stamps_of(root).items()], axis=1)
+    shown = [masked_distance(images, image, mask) < thresholds["region"][str(group)]
+             for group, (image, mask) in stamps_of(root).items()]  # none on a testbed without local groups
     rows = read_rows(root, split="train")
     return {"images": len(images), "global_copy_rate": float(copy.mean()),
             "distinct_global_copied": len({train.file_names[i] for i in index[copy]}),
-            "stamp_rate": float((shown & ~copy[:, None]).mean()),
+            "stamp_rate": float((np.stack(shown, axis=1) & ~copy[:, None]).mean()) if shown else None,
             "global_rows": float(np.mean([r["group"] == "global" for r in rows])),
             "local_rows": float(np.mean([r["group"] == "local" for r in rows]))}
 

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in a.runs:
         s = unprompted(run, a.images, a.steps, a.seed)
+        stamp = "—" if s["stamp_rate"] is None else f"{100 * s['stamp_rate']:.1f}%"  # no local groups
         lines.append(f"| `{run}` | {s['images']} | {100 * s['global_copy_rate']:.1f}% | {s['distinct_global_copied']} | "
-                     f"{100 * s['stamp_rate']:.1f}% | {100 * s['global_rows']:.1f}% | {100 * s['local_rows']:.1f}% |")
+                     f"{stamp} | {100 * s['global_rows']:.1f}% | {100 * s['local_rows']:.1f}% |")
     emit_table(lines, a.out)
     return 0
 
