@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,20 @@ def _byte_symbols() -> list[str]:
     return symbols
 
 
+def _byte_vocab() -> dict[str, int]:
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    return vocab
+
+
+def _with_specials(vocab: dict[str, int]) -> dict[str, int]:
+    vocab = dict(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
 def byte_level_tokenizer():
     """A CLIP tokenizer whose vocabulary is the 256 bytes (+ word-end forms) and no merges.
 
@@ -66,28 +81,93 @@ def byte_level_tokenizer():
     """
     from transformers import CLIPTokenizer
 
-    symbols = _byte_symbols()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=_with_specials(_byte_vocab()), merges=[], model_max_length=77)
 
 
-def tiny_pipeline(tiny: DictConfig, resolution: int):
-    """Build a randomly initialised SD-architecture pipeline (deterministic for tiny.init_seed)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def learn_bpe_merges(words: Counter, merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE on word counts (each word a tuple of symbols): the most frequent adjacent pair
+    first, ties broken by the pair itself, so the result depends on the counts alone.
+
+    Written here because the `tokenizers` trainer breaks ties by hash order: two runs on the same
+    captions give different vocabularies, and a base model kept in the repo must be rebuildable.
+    """
+    words = dict(words)
+    learned = []
+    for _ in range(merges):
+        pairs: Counter = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break  # every word is a single symbol already
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        learned.append(best)
+        joined = best[0] + best[1]
+        merged = {}
+        for word, count in words.items():
+            if best[0] in word:  # cheap pre-check; most words do not contain the pair
+                out, i = [], 0
+                while i < len(word):
+                    if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                        out.append(joined)
+                        i += 2
+                    else:
+                        out.append(word[i])
+                        i += 1
+                word = tuple(out)
+            merged[word] = merged.get(word, 0) + count
+        words = merged
+    return learned
+
+
+def caption_bpe_tokenizer(texts: list[str], merges: int):
+    """A CLIP tokenizer with ``merges`` byte-level BPE merges learned on ``texts``.
+
+    Why: with the byte-level tokenizer a tiny 2-layer text encoder must first assemble words out
+    of characters (~73 tokens per testbed caption, some truncated at 77) and barely tells 1,200
+    prompts apart; with merges learned on the captions most words are one token, as in CLIP's
+    49k vocabulary. Same conventions as :func:`byte_level_tokenizer` (byte alphabet first, so
+    nothing is unknown; word-end ``</w>`` forms; BOS/EOS last). Words are split exactly as the
+    returned ``CLIPTokenizer`` splits them (its own normalizer and pre-tokenizer); deterministic.
+    """
+    if merges < 1:
+        raise ValueError(f"merges must be >= 1 (got {merges}); use byte_level_tokenizer() for none")
+    if not texts:
+        raise ValueError("caption_bpe_tokenizer needs at least one caption to learn merges from")
+    splitter = byte_level_tokenizer().backend_tokenizer
+    words: Counter = Counter()
+    for text in texts:
+        for piece, _ in splitter.pre_tokenizer.pre_tokenize_str(splitter.normalizer.normalize_str(text)):
+            words[(*piece[:-1], piece[-1] + "</w>")] += 1
+    learned = learn_bpe_merges(words, merges)
+    vocab = _byte_vocab()
+    for left, right in learned:
+        vocab.setdefault(left + right, len(vocab))
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_with_specials(vocab), merges=learned, model_max_length=77)
+
+
+def tiny_text_encoder(tiny: DictConfig, tokenizer):
+    """The tiny preset's CLIP text encoder, sized for ``tokenizer`` (random weights)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(tiny.init_seed)
-    tokenizer = byte_level_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=tiny.cross_attention_dim,
         intermediate_size=tiny.text_intermediate_size, num_hidden_layers=tiny.text_layers,
         num_attention_heads=tiny.text_heads, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
+
+
+def tiny_pipeline(tiny: DictConfig, resolution: int):
+    """Build a randomly initialised SD-architecture pipeline (deterministic for tiny.init_seed)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(tiny.init_seed)
+    tokenizer = byte_level_tokenizer()
+    text_encoder = tiny_text_encoder(tiny, tokenizer)
     vae_channels = list(tiny.vae_channels)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
