@@ -30,8 +30,9 @@ CAPTIONS = [
 
 def test_learn_bpe_merges_by_hand():
     words = Counter({("a", "b", "c</w>"): 3, ("a", "b</w>"): 2, ("x", "y</w>"): 1})
-    # "a b" occurs 5 times: merged first; then "ab c</w>" (3), then the ties at count 2 / 1
-    # are broken by the pair itself, never by the order the words came in.
+    # "a b" and "b c</w>" both occur 3 times: the tie goes to the smaller pair, "a b"; then
+    # "ab c</w>" (3), "a b</w>" (2), "x y</w>" (1). Ties are broken by the pair itself, never by
+    # the order the words came in.
     assert learn_bpe_merges(words, 2) == [("a", "b"), ("ab", "c</w>")]
     assert learn_bpe_merges(words, 10) == [("a", "b"), ("ab", "c</w>"), ("a", "b</w>"), ("x", "y</w>")]
     reordered = Counter(dict(reversed(list(words.items()))))
@@ -88,6 +89,13 @@ def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch):
                  "data.testbed.n_heldout=8", "data.testbed.n_global=3", "data.testbed.global_repeats=4",
                  "data.testbed.n_local_groups=2", "data.testbed.local_per_group=4"]
     repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", ["fit_vae", "--config", str(repo / "configs/testbed/common.yaml"),
+                                      "--out", str(out), "--steps", "2", "--bpe-merges", "300", *overrides])
+    # a bad merge count fails before the minutes of VAE fitting, naming the flag
+    monkeypatch.setattr(sys, "argv", ["fit_vae", "--out", str(out), "--bpe-merges", "-1"])
+    with pytest.raises(SystemExit):
+        fit_vae.main()
+    assert not out.exists()
     monkeypatch.setattr(sys, "argv", ["fit_vae", "--config", str(repo / "configs/testbed/common.yaml"),
                                       "--out", str(out), "--steps", "2", "--bpe-merges", "300", *overrides])
     fit_vae.main()

@@ -39,6 +39,8 @@ def main():
                    help="learn a BPE tokenizer with this many merges on the training captions (0: keep bytes)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
+    if a.bpe_merges < 0:
+        p.error(f"--bpe-merges must be >= 0 (got {a.bpe_merges}; 0 keeps the byte-level tokenizer)")
     cfg = load_config(a.config, ["model.preset=tiny", "model.pretrained=null"] + a.overrides)
     torch.manual_seed(0)
     data = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
