@@ -26,6 +26,10 @@ A grid file::
       testbed: {seeds: 4, steps: 25}   # options of python -m data.testbed.evaluate (its flags, no dashes)
                                        # and draws: N (N evaluations with --seed 0..N-1, averaged)
 
+A grid may start from another: ``extends: testbed.yaml`` (a path relative to this grid file) takes
+that grid's keys; this file's keys replace them, except ``variants``, which adds to and replaces
+the other grid's variants one by one (same name: this file's overlays). ``name`` is never inherited.
+
 Config files are paths relative to the repository root (or absolute). A run's config is what
 ``train/finetune.py`` builds from, in this order: configs/base.yaml, the base's files, the variant's
 files, then the overrides: the base's, the variant's, ``--set`` ones, and the runner's own
@@ -85,7 +89,7 @@ if str(REPO) not in sys.path:
 
 log = logging.getLogger("copyguard.ablate")
 
-GRID_KEYS = ("name", "description", "base", "variants", "seeds", "evaluate", "launch", "reference")
+GRID_KEYS = ("name", "description", "extends", "base", "variants", "seeds", "evaluate", "launch", "reference")
 EVALUATORS = ("testbed",)
 SUMMARY = "summary.json"
 # What a run dir holds (the trainer's files, the evaluation's, this script's): a run without a
@@ -220,14 +224,14 @@ def _parse_evaluate(node: Any) -> dict[str, dict]:
     return out
 
 
-def load_grid(path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
-              extra: Iterable[str] = ()) -> Grid:
-    """Read a grid file and expand it into validated runs (every config loaded once)."""
+def _read_grid(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A grid file's keys, with those of the grid it ``extends`` underneath (see the module doc)."""
     from omegaconf import OmegaConf
 
-    path = Path(path)
     if not path.is_file():
-        raise GridError(f"grid file not found: {path}")
+        raise GridError(f"grid file not found: {path}" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise GridError(f"{path}: extends itself (through {' -> '.join(str(p) for p in seen)})")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as exc:  # yaml syntax and interpolation errors
@@ -237,6 +241,24 @@ def load_grid(path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise GridError(f"{path}: unknown grid key '{unknown[0]}' (known: {', '.join(GRID_KEYS)})")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise GridError(f"{path}: extends must name one grid file, got {parent!r}")
+    merged = _read_grid(path.parent / parent, seen + (path.resolve(),))
+    merged.pop("name", None)  # a grid's name is its output folder: never shared
+    variants = {**(merged.get("variants") or {}), **(raw.get("variants") or {})}
+    merged.update(raw)
+    merged["variants"] = variants
+    return merged
+
+
+def load_grid(path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+              extra: Iterable[str] = ()) -> Grid:
+    """Read a grid file and expand it into validated runs (every config loaded once)."""
+    path = Path(path)
+    raw = _read_grid(path)
     name = str(raw.get("name") or path.stem)
     if not NAME_RE.match(name):
         raise GridError(f"name {name!r}: use letters, digits and _.+- only")

@@ -106,7 +106,10 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     grid = ablate.load_grid(TESTBED, out="/tmp/never-written")
     assert grid.seeds == [0, 1, 2] and grid.reference == "none" and len(grid.runs) == 3 * len(grid.variants)
     cfg = {r.variant: r.cfg for r in grid.runs if r.seed == 0}
-    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 7500
+    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 3000
+    # clean_only trains the clean images for as many epochs as the other runs do (32 rows a step)
+    clean_epochs = 3000 * 32 / 1738
+    assert abs(cfg["clean_only"].train.max_steps * 32 / 1200 - clean_epochs) < 0.1
     c = {v: cfg[v].mitigate.captions for v in cfg}
     assert c["captions_mc"].multiple_captions and c["captions_mc"].target == "all"
     assert c["captions_mc_flagged"].multiple_captions and c["captions_mc_flagged"].target == "flagged"
@@ -124,6 +127,41 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     assert not none.weights.dedup and none.weights.mode == "none" and none.captions.replace_p == 0
     assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.weights.dedup_regions
     assert len({r.config_sha for r in grid.runs}) == len(grid.runs)  # start_token too (W&B redacts "token" keys)
+
+
+def test_the_v3_grid_extends_the_testbed_grid():
+    v5 = ablate.load_grid(TESTBED, out="/tmp/never-written")
+    v3 = ablate.load_grid(REPO / "configs" / "ablation" / "testbed_v3.yaml")
+    assert v3.name == "testbed-v3" and v3.out == REPO / "runs" / "ablation" / "testbed-v3"
+    assert list(v3.variants) == list(v5.variants) and v3.evaluate == v5.evaluate and v3.seeds == v5.seeds
+    cfg = {r.variant: r.cfg for r in v3.runs if r.seed == 0}
+    assert cfg["none"].train.max_steps == 7500 and cfg["none"].model.pretrained.endswith("openmoji-base-v3")
+    assert cfg["clean_only"].train.max_steps == 5178 and cfg["clean_only_steps"].train.max_steps == 7500
+    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.weights.dedup_regions
+
+
+def test_extends_merges_variants_and_rejects_loops(small_grid, tmp_path):
+    child = write(tmp_path / "sub" / "child.yaml", """
+extends: ../grid.yaml
+seeds: [5]
+variants:
+  file: [train.lr=0.7]
+  extra: [train.batch_size=2]
+""")
+    grid = ablate.load_grid(child, out=tmp_path / "out")
+    assert grid.name == "child"  # the name (the output folder) is not inherited
+    assert list(grid.variants) == ["plain", "file", "both", "extra"] and grid.seeds == [5]
+    by = {r.variant: r.cfg for r in grid.runs}
+    assert by["plain"].train.max_steps == 9 and by["plain"].train.lr == 0.1  # the parent's base
+    assert by["file"].train.lr == 0.7 and by["file"].train.batch_size == 3  # replaced, not merged
+    assert by["both"].train.lr == 0.4 and by["extra"].train.batch_size == 2
+    loop = write(tmp_path / "loop.yaml", "extends: loop2.yaml\nvariants: {a: []}\n")
+    write(tmp_path / "loop2.yaml", "extends: loop.yaml\n")
+    with pytest.raises(ablate.GridError, match="extends itself"):
+        ablate.load_grid(loop)
+    orphan = write(tmp_path / "orphan.yaml", "extends: nowhere.yaml\nvariants: {a: []}\n")
+    with pytest.raises(ablate.GridError, match=r"grid file not found: .*nowhere.yaml \(extended by .*orphan.yaml\)"):
+        ablate.load_grid(orphan)
 
 
 def test_print_commands_and_slurm_array(tmp_path):
