@@ -234,6 +234,41 @@ def test_summary_fields_come_from_metrics_ledger_and_eval(tmp_path):
     assert s["eval_draws"] == 2 and s["eval_generation_s"] == 2.0
     assert (s["global_replica_rate"], s["local_replica_rate"], s["clean_replica_rate"], s["quality_kid"],
             s["localization_iou"]) == pytest.approx((0.6, 0.3, 0.05, 0.03, 0.6))
+    assert s["eval_draw_seeds"] == [0, 1]
+
+
+def test_quality_is_compared_on_the_draws_both_runs_have(small_grid, tmp_path):
+    """KID moves between draws of prompts and seeds; a variant scored on draws 0 and 3 is compared
+    with the reference's mean on draws 0 and 3, not on every draw the reference has."""
+    def draws(run: Path, kids: dict[int, float]) -> None:
+        for k, kid in kids.items():
+            folder = run / ("eval" if k == 0 else f"eval-seed{k}")
+            folder.mkdir(exist_ok=True)
+            (folder / "eval.json").write_text(json.dumps({"summary": {
+                "global_replica_rate": 0.5, "local_replica_rate": 0.5, "kid_clean_vs_heldout": kid}}))
+
+    grid = ablate.load_grid(small_grid, out=tmp_path / "out")
+    grid.reference = "plain"
+    ref0, ref3, mine = (fake_run(grid.out / v / f"seed{s}", s, 0.5, 0.5, 0.0) for v, s in
+                        (("plain", 0), ("plain", 3), ("file", 0)))
+    draws(ref0, {0: 0.010, 1: 0.030, 3: 0.020})   # the reference's draw 1 is a bad one
+    draws(ref3, {0: 0.012, 1: 0.034})
+    draws(mine, {0: 0.0105, 3: 0.0210})
+    (mine / "eval-seed3x").mkdir()  # not a draw folder: ignored
+    summaries = [ablate.summarize(r, variant=v, seed=s)
+                 for r, v, s in ((ref0, "plain", 0), (ref3, "plain", 3), (mine, "file", 0))]
+    assert summaries[0]["eval_draw_seeds"] == [0, 1, 3] and summaries[2]["eval_draw_seeds"] == [0, 3]
+    assert ablate.quality_by_draw(summaries[:2]) == pytest.approx({0: 0.011, 1: 0.032, 3: 0.020})
+    # draws 0 and 3: (0.0105 + 0.0210) / (0.011 + 0.020) - 1 = +1.6%; on the plain means it would be -25%
+    change = ablate.paired_quality_change(summaries[2:], summaries[:2])
+    assert change == pytest.approx((0.0105 + 0.021) / (0.011 + 0.020) - 1)
+    for run, s in zip((ref0, ref3, mine), summaries):
+        (run / "summary.json").write_text(json.dumps(s))
+    md = ablate.collect(grid)["md"].read_text()
+    header = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| variant")).split("|")[1:-1]]
+    row = dict(zip(header, [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| `file`")).split("|")[1:-1]]))
+    assert row["KID vs ref"] == "+2%"
+    assert ablate.paired_quality_change(summaries[2:], [{"variant": "plain"}]) is None  # nothing to pair
 
 
 def test_tables_give_mean_and_std_over_seeds_and_the_goal(small_grid, tmp_path):
