@@ -860,7 +860,12 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
                 cells.append("—")
             else:
                 ok = g <= -GOAL["global"] and l <= -GOAL["local"] and (q is None or q <= GOAL["quality"])  # better KID is fine
-                cells.append("yes" if ok else "no")
+                # fewer prompted copies bought with more copies from the empty prompt is no mitigation
+                unasked, ref_unasked = st["unprompted_global_rate"][0], ref["unprompted_global_rate"][0]
+                if ok and None not in (unasked, ref_unasked) and unasked > ref_unasked:
+                    cells.append("no: more copies unprompted")
+                else:
+                    cells.append("yes" if ok else "no")
         lines.append("| " + " | ".join(cells) + " |")
     walls = [sum(s.get(k) or 0.0 for k in ("wall_train_s", "wall_eval_s")) for s in summaries]
     if any(walls):
@@ -873,7 +878,8 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
         lines += ["", f"vs ref: relative change of the mean against `{grid.reference}` (KID: on the evaluation draws "
                   "both were scored on, whose prompts and sampler seeds are the same for every model). Goal: global replica rate "
                   f"-{GOAL['global']:.0%} or better, local -{GOAL['local']:.0%} or better, KID at most "
-                  f"+{GOAL['quality']:.0%} (lower KID is better)."]
+                  f"+{GOAL['quality']:.0%} (lower KID is better), and no more global copies from the empty "
+                  "prompt than the reference (when the evaluation generated unprompted)."]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

@@ -267,7 +267,7 @@ def test_quality_is_compared_on_the_draws_both_runs_have(small_grid, tmp_path):
     md = ablate.collect(grid)["md"].read_text()
     header = [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| variant")).split("|")[1:-1]]
     row = dict(zip(header, [c.strip() for c in next(l for l in md.splitlines() if l.startswith("| `file`")).split("|")[1:-1]]))
-    assert row["KID vs ref"] == "+2%"
+    assert row["KID vs ref"] == "+2%" and row["meets goal"] == "no"  # local -0%
     assert ablate.paired_quality_change(summaries[2:], [{"variant": "plain"}]) is None  # nothing to pair
 
 
@@ -297,6 +297,13 @@ def test_tables_give_mean_and_std_over_seeds_and_the_goal(small_grid, tmp_path):
     assert file["global vs ref"] == "-95%" and file["local vs ref"] == "-90%" and file["KID vs ref"] == "+3%"
     assert file["meets goal"] == "yes" and both["meets goal"] == "no" and plain["meets goal"] == "—"
     assert "localization IoU" in header and "det. AUC global" in header
+    # fewer prompted copies but more from the empty prompt (the copies moved, not gone): no
+    for (variant, seed), unasked in {("plain", 0): 0.02, ("plain", 3): 0.04, ("file", 0): 0.2, ("file", 3): 0.0}.items():
+        path = grid.out / variant / f"seed{seed}" / "summary.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"unprompted_global_rate": unasked}))
+    md = ablate.collect(grid)["md"].read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| `file`"))
+    assert row.rstrip(" |").endswith("no: more copies unprompted")  # 0.10 on average against 0.03
     # the plot (matplotlib comes with the test extra): a real PNG with both panels' pixels
     from PIL import Image
 
