@@ -24,7 +24,8 @@ A grid file::
     seeds: [0, 1, 2]                   # each run gets seed=<k>
     evaluate:                          # optional: how to score a finished run's final/ pipeline
       testbed: {seeds: 4, steps: 25}   # options of python -m data.testbed.evaluate (its flags, no dashes)
-                                       # and draws: N (N evaluations with --seed 0..N-1, averaged)
+                                       # and draws: N (N evaluations with --seed 0..N-1, averaged;
+                                       # further eval-seed<k>/ folders in a run dir count too)
 
 A grid may start from another: ``extends: testbed.yaml`` (a path relative to this grid file) takes
 that grid's keys; this file's keys replace them, except ``variants``, which adds to and replaces
@@ -821,7 +822,7 @@ def paired_quality_change(runs: list[dict], ref_runs: list[dict]) -> Optional[fl
     """Relative change of the quality metric against the reference on the draws both were scored on.
 
     Draw k uses the same prompts and sampler seeds for every model, and KID moves more between
-    draws of one model (~10% here) than between many mitigations, so a variant scored on 4 draws
+    draws of one model (up to 35% on the v5 testbed) than between many mitigations, so a variant scored on 4 draws
     is compared with the reference's mean over those 4, not over whatever draws it has."""
     mine, ref = quality_by_draw(runs), quality_by_draw(ref_runs)
     shared = [k for k in mine if k in ref]
