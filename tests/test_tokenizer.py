@@ -74,7 +74,7 @@ def test_caption_bpe_tokenizer_rejects_bad_input():
         caption_bpe_tokenizer([], 10)
 
 
-def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch):
+def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch, capsys):
     """Stage 1 of the testbed recipe with --bpe-merges: the pipeline it writes loads through the
     ordinary from_pretrained path, with a tokenizer learned on the training captions and a text
     encoder sized for it."""
@@ -89,12 +89,13 @@ def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch):
                  "data.testbed.n_heldout=8", "data.testbed.n_global=3", "data.testbed.global_repeats=4",
                  "data.testbed.n_local_groups=2", "data.testbed.local_per_group=4"]
     repo = Path(__file__).resolve().parents[1]
+    # a bad merge count fails before the minutes of VAE fitting, naming the flag (the rest of the
+    # command line is valid, so only the check on the count can stop it)
     monkeypatch.setattr(sys, "argv", ["fit_vae", "--config", str(repo / "configs/testbed/common.yaml"),
-                                      "--out", str(out), "--steps", "2", "--bpe-merges", "300", *overrides])
-    # a bad merge count fails before the minutes of VAE fitting, naming the flag
-    monkeypatch.setattr(sys, "argv", ["fit_vae", "--out", str(out), "--bpe-merges", "-1"])
-    with pytest.raises(SystemExit):
+                                      "--out", str(out), "--steps", "2", "--bpe-merges", "-1", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
         fit_vae.main()
+    assert exit_info.value.code == 2 and "--bpe-merges must be >= 0 (got -1" in capsys.readouterr().err
     assert not out.exists()
     monkeypatch.setattr(sys, "argv", ["fit_vae", "--config", str(repo / "configs/testbed/common.yaml"),
                                       "--out", str(out), "--steps", "2", "--bpe-merges", "300", *overrides])
