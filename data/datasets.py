@@ -26,6 +26,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+from train.util import seed_of
+
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -37,12 +39,6 @@ class DataError(ValueError):
 
 class BadSampleError(DataError):
     """A missing or corrupt image or an empty caption, with data.on_bad_sample=error."""
-
-
-def _seed_of(*parts: Any) -> int:
-    """A 63-bit seed from any parts; stable across processes (unlike ``hash``)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +141,7 @@ class MapDataset(torch.utils.data.Dataset):
         data = self._image_bytes(row[self.cfg.image_column], where)
         image = decode_image(data, where)
         sample_id = str(row[self.cfg.id_column]) if self.has_ids else hashlib.sha1(data).hexdigest()
-        rng = random.Random(_seed_of(self.seed, epoch, index))
+        rng = random.Random(seed_of(self.seed, epoch, index))
         return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
                 "sample_id": sample_id, "index": index}
 
@@ -200,7 +196,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.n)
-        generator = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch))
+        generator = torch.Generator().manual_seed(seed_of(self.seed, "epoch", epoch))
         perm = torch.randperm(self.n, generator=generator)
         if self.weights is None:
             return perm
@@ -314,7 +310,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise BadSampleError(f"no image ({'/'.join(IMAGE_KEYS)}) in {where}")
         image = decode_image(raw[key], where)
         sample_id = str(meta.get(self.cfg.id_column) or hashlib.sha1(raw[key]).hexdigest())
-        rng = random.Random(_seed_of(self.seed, epoch, sample_id))
+        rng = random.Random(seed_of(self.seed, epoch, sample_id))
         return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
                 "sample_id": sample_id, "index": -1, "epoch": epoch, "batch": -1}
 
@@ -331,9 +327,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch = 0
         while True:
             shards = list(self.urls)
-            random.Random(_seed_of(self.seed, "shards", epoch)).shuffle(shards)
+            random.Random(seed_of(self.seed, "shards", epoch)).shuffle(shards)
             shards = shards[self.rank::self.world][worker::workers]
-            rng = random.Random(_seed_of(self.seed, "buffer", epoch, self.rank, worker))
+            rng = random.Random(seed_of(self.seed, "buffer", epoch, self.rank, worker))
             buffer: list[dict] = []
             for raw in self._shuffled(self._raw(shards), rng, buffer):
                 try:

@@ -88,6 +88,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from train.util import jsonable, write_atomic  # noqa: E402  (after the path is set)
+
 log = logging.getLogger("copyguard.ablate")
 
 GRID_KEYS = ("name", "description", "extends", "base", "variants", "seeds", "evaluate", "launch", "reference")
@@ -538,15 +540,7 @@ def _add_time(run_dir: Path, key: str, seconds: float) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
+    write_atomic(path, json.dumps(jsonable(data), indent=1) + "\n")
 
 
 def execute(run: Run, grid: Grid, mode: str = "subprocess") -> str:
@@ -781,13 +775,14 @@ def write_csv(summaries: list[dict], path: Path) -> Path:
     keys = [k for k in first if any(k in s for s in summaries)]
     keys += sorted({k for s in summaries for k, v in s.items()
                     if k not in keys and not isinstance(v, (dict, list))})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys or ["variant", "seed"], extrasaction="ignore")
-        writer.writeheader()
-        for s in summaries:
-            writer.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in keys})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys or ["variant", "seed"], extrasaction="ignore")
+            writer.writeheader()
+            for s in summaries:
+                writer.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in keys})
+
+    write_atomic(path, write)
     return path
 
 
@@ -881,9 +876,7 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
                   f"-{GOAL['global']:.0%} or better, local -{GOAL['local']:.0%} or better, KID at most "
                   f"+{GOAL['quality']:.0%} (lower KID is better), and no more global copies from the empty "
                   "prompt than the reference (when the evaluation generated unprompted)."]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from data.datasets import DataError, load_table, resolve_source
 from train.config import Config, ConfigError, DataConfig, ModelConfig
 from train.evaluate.config import EvalConfig, validate_eval
-from train.evaluate.core import Judge, evaluate_probes, jsonable, summarize, worst_first
+from train.evaluate.core import Judge, evaluate_probes, summarize, worst_first
+from train.util import jsonable
 from train.evaluate.report import render_report
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set

@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.atomic import fsync_tree
 from data.datasets import DataPosition
+from train.util import fsync_dir, fsync_tree, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,6 @@ def find_checkpoint(output_dir: Path, spec: Optional[str]) -> Optional[Path]:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, rng: torch.Generator,
                     ema=None, total_limit: Optional[int] = None, extra_files: Optional[dict] = None) -> Path:
     """Write checkpoint-<step> atomically on all ranks; return its final path.
@@ -143,22 +134,14 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, rng: torch
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)  # until the new one is in place, so a kill here loses nothing
         os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        write_atomic(root / "latest", final.name, durable=True)
         shutil.rmtree(stale, ignore_errors=True)
-        _fsync_dir(root)
+        fsync_dir(root)
         if total_limit:
             for old in complete_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(accelerator, path: Path, rng: torch.Generator, ema=None,

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from data.atomic import build_once
-from data.datasets import DataError, DataPosition, _seed_of, build_train_data, load_table, resolve_source
+from train.util import build_once, seed_of
+from data.datasets import DataError, DataPosition, build_train_data, load_table, resolve_source
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
 from train.config import ConfigError, parse_args, save_config
@@ -140,7 +140,7 @@ def captions_for_batch(batch: dict, seed: int, caption_dropout: float,
 
     keep = [1.0] * len(batch["text"]) if keep is None else keep.tolist()
     # drop below p + (1 - p)(1 - keep): exactly caption_dropout where keep = 1
-    return ["" if random.Random(_seed_of(seed, "caption-dropout", batch["epoch"], sid)).random()
+    return ["" if random.Random(seed_of(seed, "caption-dropout", batch["epoch"], sid)).random()
             < caption_dropout + (1 - caption_dropout) * (1 - k) else text
             for text, sid, k in zip(batch["text"], batch["sample_id"], keep)]
 
@@ -248,7 +248,7 @@ def run(cfg: DictConfig) -> Path:
         unet, optimizer = accelerator.prepare(unet, optimizer)
 
     # Each rank draws its own noise and timesteps; the generator is part of the checkpoint.
-    rng = torch.Generator(device=device).manual_seed(_seed_of(cfg.seed, "noise", rank))
+    rng = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, "noise", rank))
     state = TrainState(world_size=world, batch_size=tcfg.batch_size, num_workers=cfg.data.num_workers,
                        model=fingerprint)
     streaming = data_cfg.source == "webdataset"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.atomic import build_once
+from train.util import build_once
 
 log = logging.getLogger(__name__)
 

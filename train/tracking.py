@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import uuid
 from pathlib import Path
@@ -18,16 +17,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from train.config import to_container
+from train.util import jsonable, write_atomic
 
 log = logging.getLogger(__name__)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
-    return value
 
 
 class Tracker:
@@ -48,9 +40,7 @@ class Tracker:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def _init_wandb(self, cfg: DictConfig, output_dir: Path):
         import wandb
@@ -69,7 +59,7 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
-        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        row = {"step": step, **jsonable(metrics)}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:

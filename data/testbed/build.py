@@ -590,7 +590,7 @@ def ensure_testbed(cache_dir: str | os.PathLike, resolution: int = 32, seed: int
     fingerprint (OpenMoji and tool versions, or a folder's names, sizes and captions). Concurrent
     callers (e.g. several ranks) are safe: each builds aside and only a complete build is renamed in.
     """
-    from data.atomic import build_once
+    from train.util import build_once
 
     params = TestbedParams.create(resolution, seed, source, **knobs)
     fingerprint = make_source(params.source, params.dedupe_variants).fingerprint()

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data.testbed.measures import default_extractor, kernel_distance
+from train.util import jsonable
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
 from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists, to_uint8
@@ -238,19 +239,6 @@ def panel_png(image_u8: np.ndarray, be_map: np.ndarray, judge: Judge | None, rec
 # --------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON (NaN and infinities become null, numpy scalars Python numbers), recursively."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _mean(values: list[float]) -> float:

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from train.evaluate.core import EvalResult, Judge, evaluate_probes, jsonable, summarize
+from train.evaluate.core import EvalResult, Judge, evaluate_probes, summarize
+from train.util import jsonable
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
 

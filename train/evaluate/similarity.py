@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from data.testbed.measures import nearest
+from train.util import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,5 @@ def feature_bank(backend: SimilarityBackend, fingerprint: str, count: int,
     bank = np.concatenate([p for _, p in parts]).astype(np.float32)
     if path is not None and (accelerator is None or accelerator.is_main_process):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, bank)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), bank))
     return bank

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from data.datasets import _seed_of
+from train.util import seed_of
 
 _WORD = re.compile(r"^[a-z]{3,12}$")
 
@@ -81,7 +81,7 @@ class CaptionPerturber:
         for caption, alts, sid, on in zip(captions, alternates, sample_ids, mask.tolist()):
             # an empty caption was dropped for classifier-free guidance on purpose: leave it
             if on and caption:
-                caption = self.perturb_one(caption, alts, random.Random(_seed_of(self.seed, "caption", step, sid)))
+                caption = self.perturb_one(caption, alts, random.Random(seed_of(self.seed, "caption", step, sid)))
             out.append(caption)
         return out
 
@@ -92,7 +92,7 @@ class CaptionPerturber:
         if not scale or not bool(mask.any()):
             return text_emb
         noise = torch.stack([
-            torch.randn(text_emb.shape[1:], generator=torch.Generator().manual_seed(_seed_of(self.seed, "gn", step, sid)))
+            torch.randn(text_emb.shape[1:], generator=torch.Generator().manual_seed(seed_of(self.seed, "gn", step, sid)))
             for sid in sample_ids]).to(text_emb.device, text_emb.dtype)
         return text_emb + scale * noise * mask.to(text_emb.device, text_emb.dtype)[:, None, None]
 

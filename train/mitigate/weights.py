@@ -17,6 +17,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
+from train.util import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -63,10 +65,7 @@ def _cached(cache_dir: Path, key: str, compute) -> np.ndarray:
         return np.load(cache, allow_pickle=False)
     weights = np.asarray(compute(), dtype=np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, weights, allow_pickle=False)
-    tmp.replace(cache)
+    write_atomic(cache, lambda tmp: np.save(open(tmp, "wb"), weights, allow_pickle=False))
     return weights
 
 

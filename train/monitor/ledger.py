@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from train.util import write_atomic
+
 HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps
 
 
@@ -206,9 +208,8 @@ class Ledger:
     def write_parquet(self, path: Path, **kwargs) -> None:
         import pyarrow.parquet as pq
 
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        pq.write_table(self.table(**kwargs), tmp)
-        tmp.replace(path)
+        table = self.table(**kwargs)
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
     def summary(self) -> dict:
         observed = self.obs > 0

@@ -118,10 +118,10 @@ class Monitor:
     def _slots(self, batch: dict) -> torch.Tensor:
         if not self.ledger.streaming:
             return batch["index"]
-        from data.datasets import _seed_of
+        from train.util import seed_of
 
         # 52-bit hashes survive the float64 packing of the gather exactly
-        return torch.tensor([_seed_of("ledger", sid) >> 11 for sid in batch["sample_id"]], dtype=torch.long)
+        return torch.tensor([seed_of("ledger", sid) >> 11 for sid in batch["sample_id"]], dtype=torch.long)
 
     def _empty(self, m: int, text_emb: torch.Tensor) -> torch.Tensor:
         if self._empty_emb is None or self.text_encoder.training:
