@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.config import DataConfig
 from train.evaluate.config import EvalConfig, validate_eval
 from train.util import ConfigError
 
@@ -63,53 +64,6 @@ class ModelConfig:
     cache_dir: str = "~/.cache/copyguard"  # built presets and generated data sets live here
     prediction_type: Optional[str] = None  # override the scheduler's (epsilon | v_prediction)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-
-
-@dataclass
-class ShapesDataConfig:
-    """The small synthetic data set copyguard makes itself for the embedded default."""
-
-    num_samples: int = 256
-    image_size: int = 64
-
-
-@dataclass
-class TestbedDataConfig:
-    """The memorization testbed (data/testbed): planted global and local copies with ground truth.
-    Its own seed, so runs with different training seeds see the same data."""
-
-    source: str = "openmoji"  # or folder:PATH
-    seed: int = 0
-    n_clean: int = 400
-    n_heldout: int = 100
-    n_global: int = 10
-    global_repeats: int = 30
-    n_local_groups: int = 4
-    local_per_group: int = 12
-    stamp: str = "auto"  # emoji | shape | auto (emoji for openmoji)
-    stamp_size: float = 0.5  # stamp side as a fraction of the image side
-    local_background: bool = False  # local groups also share a pale background
-
-
-@dataclass
-class DataConfig:
-    source: str = "imagefolder"  # imagefolder | hf | webdataset | shapes | testbed
-    path: Optional[str] = None  # folder, data set name/path, or shard pattern ("a/{000..009}.tar")
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-    captions_column: str = "captions"  # optional list of alternate captions
-    id_column: str = "sample_id"  # optional; a content hash otherwise
-    filter_column: Optional[str] = None  # keep only rows whose filter_column == filter_value
-    filter_value: Optional[str] = None
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    num_workers: int = 2
-    on_bad_sample: str = "skip"  # skip (count + warn) | error
-    shuffle_buffer: int = 1000  # webdataset only: sample shuffle buffer per worker
-    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
-    testbed: TestbedDataConfig = field(default_factory=TestbedDataConfig)
 
 
 @dataclass
@@ -203,7 +157,7 @@ class MonitorConfig:
     stats_horizon: int = 2000
     stats_warmup: int = 8
     flag: FlagConfig = field(default_factory=FlagConfig)
-    label_column: Optional[str] = "group"  # ground truth, when the data has it (the testbed)
+    label_column: Optional[str] = None  # a ground-truth column the user names (e.g. "group"): detection AUCs
     negative_label: str = "clean"
     table_size: int = 16  # rows of the W&B table of top flagged samples
 

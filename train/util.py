@@ -121,3 +121,33 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# Config fields that declare their allowed values once (train/config.py checks every layer)
+# --------------------------------------------------------------------------------------------
+
+
+def choice(default: Any, *allowed: Any) -> Any:
+    """A dataclass field whose value must be one of ``allowed`` (``default`` is always allowed)."""
+    from dataclasses import field
+
+    return field(default=default, metadata={"choices": tuple(dict.fromkeys((default, *allowed)))})
+
+
+def bounded(default: Any, ge: Any = None, gt: Any = None, le: Any = None, lt: Any = None) -> Any:
+    """A numeric dataclass field with a range; ``None`` stays allowed where the default is ``None``."""
+    from dataclasses import field
+
+    return field(default=default, metadata={"range": (ge, gt, le, lt)})
+
+
+def range_text(ge: Any, gt: Any, le: Any, lt: Any) -> str:
+    low = f">= {ge}" if ge is not None else f"> {gt}" if gt is not None else ""
+    high = f"<= {le}" if le is not None else f"< {lt}" if lt is not None else ""
+    return " and ".join(p for p in (low, high) if p) or "finite"
+
+
+def in_range(value: Any, ge: Any, gt: Any, le: Any, lt: Any) -> bool:
+    return ((ge is None or value >= ge) and (gt is None or value > gt)
+            and (le is None or value <= le) and (lt is None or value < lt))

@@ -1,0 +1,55 @@
+"""The ``data`` section of the run config: where the training data is and how it is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from train.util import bounded, choice
+
+
+@dataclass
+class ShapesDataConfig:
+    """The small synthetic data set copyguard makes itself for the embedded default."""
+
+    num_samples: int = 256
+    image_size: int = 64
+
+
+@dataclass
+class TestbedDataConfig:
+    """The memorization testbed (data/testbed): planted global and local copies with ground truth.
+    Its own seed, so runs with different training seeds see the same data."""
+
+    source: str = "openmoji"  # or folder:PATH
+    seed: int = 0
+    n_clean: int = 400
+    n_heldout: int = 100
+    n_global: int = 10
+    global_repeats: int = 30
+    n_local_groups: int = 4
+    local_per_group: int = 12
+    stamp: str = "auto"  # emoji | shape | auto (emoji for openmoji)
+    stamp_size: float = 0.5  # stamp side as a fraction of the image side
+    local_background: bool = False  # local groups also share a pale background
+
+
+@dataclass
+class DataConfig:
+    source: str = choice("imagefolder", "hf", "webdataset", "shapes", "testbed")
+    path: Optional[str] = None  # folder, data set name/path, or shard pattern ("a/{000..009}.tar")
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    captions_column: str = "captions"  # optional list of alternate captions
+    id_column: str = "sample_id"  # optional; a content hash otherwise
+    filter_column: Optional[str] = None  # keep only rows whose filter_column == filter_value
+    filter_value: Optional[str] = None
+    resolution: int = bounded(512, ge=8)
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = bounded(2, ge=0)
+    on_bad_sample: str = choice("skip", "error")  # skip (count + warn) | error
+    shuffle_buffer: int = bounded(1000, ge=1)  # webdataset only: sample shuffle buffer per worker
+    shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+    testbed: TestbedDataConfig = field(default_factory=TestbedDataConfig)
