@@ -12,7 +12,7 @@ from conftest import fast_overrides
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from data.testbed.measures import iou, trivial_iou
+from train.evaluate.measures import iou, trivial_iou
 from train.config import TinyModelConfig
 from train.evaluate import (EvalConfig, PixelBackend, Probe, TorchScriptSSCD, be_region, feature_bank,
                             generate_with_capture, localization_iou, region_neighbours, run_eval_hook,

@@ -21,12 +21,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data.testbed import (  # noqa: E402
+from data.testbed import build_testbed, caption_token_count, ensure_testbed  # noqa: E402
+from train.evaluate.measures import (  # noqa: E402
     PixelFeatures,
-    build_testbed,
     calibrate_threshold,
-    caption_token_count,
-    ensure_testbed,
     flat_fraction,
     image_kid,
     iou,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from data.testbed.measures import image_kid
+from train.evaluate.measures import image_kid
 from data.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 

@@ -12,7 +12,7 @@
 2. Generations: ``StableDiffusionPipeline.from_pretrained`` with DDIM (trailing timesteps, so
    sampling starts from pure noise), ``--seeds`` images per prompt, one seeded generator per
    (prompt, seed), so an image does not depend on how prompts are batched.
-3. Measures (all from :mod:`data.testbed.measures`):
+3. Measures (all from :mod:`train.evaluate.measures`):
    * replica threshold = :func:`calibrate_threshold` (5% quantile) of the calibration
      generations' pixel RMSE to their nearest *clean* training image (a prompt that
      regurgitates a planted image must not lower the bar); a generation is a replica when its nearest
@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.testbed.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
+from train.evaluate.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
                                    pixel_distance, replica_flags)
 from data.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
                                   training_images)
@@ -289,7 +289,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
               "heldout_calibration": group_summary("heldout_calibration", calib)}
 
     # Quality: all clean-prompt generations vs the held-out images.
-    quality: dict[str, Any] = {"extractor": "PixelFeatures (data.testbed.measures.default_extractor)"}
+    quality: dict[str, Any] = {"extractor": "PixelFeatures (train.evaluate.measures.default_extractor)"}
     clean_gen = images[group == "clean"].reshape(-1, *images.shape[2:])
     held = heldout_images(root)
     if len(held) >= 2 and len(clean_gen) >= 2:

@@ -2,7 +2,7 @@
 
 ``python -m data.testbed.kid_blocks --runs RUN [RUN ...] [--out table.md]``
 
-KID with the fixed extractor (:class:`data.testbed.measures.PixelFeatures`) sums three blocks of
+KID with the fixed extractor (:class:`train.evaluate.measures.PixelFeatures`) sums three blocks of
 features; here each block scores alone (KID of the clean-prompt generations vs the held-out images
 under that block only, with its own kernel scaling: compare a block across runs, not with the
 whole KID or another block), next to the share of flat pixels (:func:`flat_fraction`) in the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.testbed.measures import PixelFeatures, flat_fraction, kernel_distance
+from train.evaluate.measures import PixelFeatures, flat_fraction, kernel_distance
 from data.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 BLOCKS = ("layout", "colour", "sharpness")

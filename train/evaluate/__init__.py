@@ -1,5 +1,7 @@
 """Evaluation of memorization: sampling with Bright Ending capture, similarity to the training
-set (pixel / SSCD backends), local memorization inside BE regions, and the training eval hook.
+set (pixel / SSCD backends), local memorization inside BE regions, the training eval hook, and the
+ground-truth measures (:mod:`train.evaluate.measures`: replicas, KID, IoU) that score any folder
+with known copies.
 
 ``train.audit`` runs the same pieces on a saved checkpoint and writes a report.
 """

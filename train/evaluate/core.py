@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from data.testbed.measures import default_extractor, kernel_distance
+from train.evaluate.measures import default_extractor, kernel_distance
 from train.util import jsonable
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.testbed.measures import binarize, iou, resize_map, trivial_iou
+from train.evaluate.measures import binarize, iou, resize_map, trivial_iou
 from train.evaluate.similarity import neighbourhood, normalized_l2, resize_images
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.testbed.measures import nearest
+from train.evaluate.measures import nearest
 from train.util import write_atomic
 
 log = logging.getLogger(__name__)

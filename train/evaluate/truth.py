@@ -2,7 +2,7 @@
 
 The testbed's columns say which rows are planted copies: ``group`` (clean / global / local),
 ``source_id`` (the original image), ``mask_file`` (a local group's stamp). The ground-truth
-measures of :mod:`data.testbed.measures` decide which generations really are copies:
+measures of :mod:`train.evaluate.measures` decide which generations really are copies:
 
 * global replica: nearest training image (pixel RMSE, full resolution) is the own source and
   closer than the calibrated threshold (5% quantile of clean prompts' nearest distances);
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 
-from data.testbed.measures import calibrate_threshold, masked_distance, nearest
+from train.evaluate.measures import calibrate_threshold, masked_distance, nearest
 from train.evaluate.sampling import Generation
 from train.evaluate.trainset import Probe, TrainingSet
 
