@@ -638,7 +638,7 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
     if ledger.is_file():
         import pyarrow.parquet as pq
 
-        from train.monitor.ledger import detection_metrics
+        from train.monitor.detection import detection_by_kind
 
         table = pq.read_table(ledger)
         score = np.asarray(table["score"].to_numpy(zero_copy_only=False), dtype=np.float64)
@@ -649,10 +649,8 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
         label_column = cfg.monitor.label_column
         if label_column and label_column in table.column_names:
             labels = np.asarray(table[label_column].to_pylist(), dtype=object)
-            negative = labels == cfg.monitor.negative_label
-            for label in sorted({str(x) for x in labels} - {str(cfg.monitor.negative_label)}):
-                positive = labels == label
-                metrics = detection_metrics(score, positive, negative)
+            kinds = sorted({str(x) for x in labels} - {str(cfg.monitor.negative_label)})
+            for label, metrics in detection_by_kind(score, labels, cfg.monitor.negative_label, kinds).items():
                 out[f"det_auc_{label}"] = metrics["auc"]
                 out[f"det_tpr1fpr_{label}"] = metrics["tpr_at_1fpr"]
             for label in sorted({str(x) for x in labels}):

@@ -208,7 +208,7 @@ def fake_run(run: Path, seed: int, replica: float, local: float, kid: float) -> 
 
 
 def test_summary_fields_come_from_metrics_ledger_and_eval(tmp_path):
-    from train.monitor.ledger import detection_metrics
+    from train.monitor.detection import detection_metrics
 
     s = ablate.summarize(fake_run(tmp_path / "r", 0, 0.5, 0.25, 0.02), variant="v", seed=0)
     assert (s["variant"], s["seed"], s["steps"], s["train_loss"], s["samples_per_s"]) == ("v", 0, 3, 1 / 3, 20.0)

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from train.monitor.ledger import detection_metrics
+from train.monitor.detection import detection_by_kind
+
+KINDS = ("global", "local")  # the testbed's planted kinds, each scored against its clean rows
 
 
 def load(run: Path) -> dict[str, np.ndarray]:
@@ -41,21 +43,24 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
     led = load(run)
     early = load(epoch0) if epoch0 else None
     groups = led["group"]
-    tokens = token_counts(run, led["caption"])
     signals = ["score"] + sorted(k[:-5] for k in led if k.endswith("_mean"))
+    columns = {name: "score" if name == "score" else f"{name}_mean" for name in signals}
+    now = {name: detection_by_kind(led[column].astype(float), groups, "clean", KINDS)
+           for name, column in columns.items()}
+    before = {name: detection_by_kind(early[column].astype(float), early["group"], "clean", KINDS)
+              for name, column in columns.items()} if early is not None else None
+    tokens = detection_by_kind(token_counts(run, led["caption"]), groups, "clean", KINDS)
+    neg = groups == "clean"
     result: dict = {"kinds": {}}
-    for kind in ("global", "local"):
-        pos, neg = groups == kind, groups == "clean"
-        if not pos.any():
+    for kind in KINDS:
+        if kind not in tokens:  # no rows of this kind in the run's data
             continue
+        pos = groups == kind
         rows = {}
         for name in signals:
-            column = "score" if name == "score" else f"{name}_mean"
-            now = detection_metrics(led[column].astype(float), pos, neg)
-            row = {"auc": now["auc"], "tpr_at_1fpr": now["tpr_at_1fpr"]}
-            if early is not None:
-                row["auc_epoch0"] = detection_metrics(early[column].astype(float), early["group"] == kind,
-                                                      early["group"] == "clean")["auc"]
+            row = dict(now[name][kind])
+            if before is not None:  # an epoch-0 ledger without the kind has no AUC for it
+                row["auc_epoch0"] = before[name].get(kind, {}).get("auc", float("nan"))
             rows[name] = row
         # never-flagged samples count as "later than any step": the median is None unless at
         # least half of the group was flagged
@@ -63,7 +68,7 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
         median = float(np.median(np.where(first >= 0, first, np.inf)))
         result["kinds"][kind] = {
             "signals": rows,
-            "token_count_auc": detection_metrics(tokens, pos, neg)["auc"],
+            "token_count_auc": tokens[kind]["auc"],
             "flagged_share": float((led["flagged"][pos]).mean()),
             "clean_flagged_share": float(led["flagged"][neg].mean()),
             "median_first_flagged_step": median if np.isfinite(median) else None,

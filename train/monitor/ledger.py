@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from train.monitor.detection import detection_metrics  # noqa: F401  (its old home: monitor.py imports it from here)
 from train.util import write_atomic
 
 HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps
@@ -215,29 +216,3 @@ class Ledger:
         observed = self.obs > 0
         return {"observed": int(observed.sum()), "flagged": int(self.flagged.sum()),
                 "scored": int(self.pop[0])}
-
-
-def detection_metrics(scores: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> dict[str, float]:
-    """AUC and TPR at 1% FPR of ``scores`` for positive vs negative samples (NaN scores dropped)."""
-    pos, neg = scores[positive], scores[negative]
-    pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
-    if len(pos) == 0 or len(neg) == 0:
-        return {"auc": float("nan"), "tpr_at_1fpr": float("nan")}
-    # Mann-Whitney U with ties counted half
-    order = np.argsort(np.concatenate([neg, pos]), kind="mergesort")
-    values = np.concatenate([neg, pos])[order]
-    ranks = np.empty(len(values))
-    ranks[order] = _tied_ranks(values)
-    auc = (ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-    threshold = np.quantile(neg, 0.99, method="higher")
-    return {"auc": float(auc), "tpr_at_1fpr": float((pos > threshold).mean())}
-
-
-def _tied_ranks(sorted_values: np.ndarray) -> np.ndarray:
-    ranks = np.arange(1, len(sorted_values) + 1, dtype=np.float64)
-    _, start, counts = np.unique(sorted_values, return_index=True, return_counts=True)
-    for s, c in zip(start, counts):
-        if c > 1:
-            ranks[s:s + c] = ranks[s:s + c].mean()
-    return ranks
-
