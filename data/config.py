@@ -50,6 +50,15 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = bounded(2, ge=0)
     on_bad_sample: str = choice("skip", "error")  # skip (count + warn) | error
+    # Bad samples, not loaded: resizing the short side of a 1 x 400000 image to data.resolution
+    # makes a 32 x 12.8M one (seconds and gigabytes); the centre crop keeps little of it anyway.
+    max_aspect_ratio: float = bounded(10.0, ge=1.0)  # longer side / shorter side, checked before decoding
+    # Decoding costs memory and time in proportion (a 20000 x 20000 PNG is a few KB on disk). The
+    # default is PIL's decompression-bomb limit; PIL itself refuses more than twice that.
+    max_image_pixels: int = bounded(89_478_485, ge=1, le=178_956_970)  # width x height
+    # Off: an image path must stay inside the data folder after links are resolved (a link to
+    # /etc/passwd or another data set is a bad sample). On: links are followed anywhere.
+    allow_symlinks: bool = False
     shuffle_buffer: int = bounded(1000, ge=1)  # webdataset only: sample shuffle buffer per worker
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
     testbed: TestbedDataConfig = field(default_factory=TestbedDataConfig)

@@ -16,7 +16,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -79,13 +82,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
+def decode_image(data: bytes, where: str, max_pixels: Optional[int] = None,
+                 max_aspect_ratio: Optional[float] = None) -> Image.Image:
+    """The decoded image; its size is checked from the header first, so an image too large to
+    decode, or one that would resize huge, costs nothing (see :func:`check_image_size`)."""
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # PIL warns above its pixel limit and raises above twice it; max_pixels decides here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        check_image_size(image.size, where, max_pixels, max_aspect_ratio)
         image.load()
         return image
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise BadSampleError(f"corrupt image {where}: {exc}") from exc
+    except BadSampleError:
+        raise
+    except Image.DecompressionBombError as exc:  # above twice PIL's limit: it never returns the image
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise BadSampleError(f"image too large {where}: {found.group(1) if found else 'too many'} pixels, "
+                             f"more than data.max_image_pixels={max_pixels} and PIL's own limit (shrink it)") from exc
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object, not the file
+        raise BadSampleError(f"corrupt image {where}: not an image file PIL can read "
+                             "(unknown format or damaged data)") from exc
+    except Exception as exc:  # a damaged file can make a decoder raise almost anything
+        raise BadSampleError(f"corrupt image {where}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_image_size(size: tuple[int, int], where: str, max_pixels: Optional[int],
+                     max_aspect_ratio: Optional[float]) -> None:
+    """Refuse, before decoding, what would cost far more than its file size suggests: a 20000 x
+    20000 PNG of a few KB decodes to 400 MB, and a 1 x 400000 one is resized (short side to the
+    resolution, then cropped) to 32 x 12.8M pixels at resolution 32."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise BadSampleError(f"corrupt image {where}: it is {w}x{h} pixels")
+    if max_pixels is not None and w * h > max_pixels:
+        raise BadSampleError(f"image too large {where}: {w}x{h} pixels, more than data.max_image_pixels="
+                             f"{max_pixels} (shrink it, or raise data.max_image_pixels)")
+    ratio = max(w, h) / min(w, h)
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        raise BadSampleError(f"image too elongated {where}: {w}x{h} pixels, aspect ratio {ratio:.4g} above "
+                             f"data.max_aspect_ratio={max_aspect_ratio:g} (crop it, or raise data.max_aspect_ratio)")
+
+
+def image_limits(cfg: DictConfig) -> dict:
+    """decode_image's size limits from a data config (configs saved before they existed: none)."""
+    return {"max_pixels": cfg.get("max_image_pixels"), "max_aspect_ratio": cfg.get("max_aspect_ratio")}
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, links resolved, is ``root`` or below it (links resolved too)."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    except (OSError, ValueError):
+        return False
 
 
 def clean_captions(text: Any, alternates: Any, where: str) -> list[str]:
@@ -126,20 +175,30 @@ class MapDataset(torch.utils.data.Dataset):
         if not path:
             raise BadSampleError(f"no image for {where}")
         path = Path(path)
+        # An image folder's paths, and relative paths of a `datasets` folder, belong to the data
+        # folder: a link out of it (to /etc/passwd, another data set) is not read unless allowed.
+        # (Absolute paths a `datasets` table holds are that data set's own choice.)
+        contained = self.root is not None and (self.cfg.source == "imagefolder" or not path.is_absolute())
         if not path.is_absolute() and self.root is not None:
             path = self.root / path
+        if contained and not self.cfg.get("allow_symlinks", False) and not inside(path, self.root):
+            raise BadSampleError(f"image {path} ({where}) resolves to {os.path.realpath(path)}, outside the "
+                                 f"data folder {self.root}; copy it in, or set data.allow_symlinks=true to follow links")
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise BadSampleError(f"missing image {path} ({where})") from exc
+            raise BadSampleError(f"missing image {path} ({where}): {exc.strerror or exc}") from exc
 
     def load(self, index: int, epoch: int) -> dict:
         row = self.table[index]
-        where = f"row {index}" + (f" (sample_id {row[self.cfg.id_column]})" if self.has_ids else "")
+        where = f"row {index}" + (f", sample_id {row[self.cfg.id_column]}" if self.has_ids else "")
+        value = row[self.cfg.image_column]
+        name = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        where = f"{name} ({where})" if name else where  # the file, when the row names one
         captions = clean_captions(row.get(self.cfg.caption_column),
                                   row.get(self.cfg.captions_column) if self.has_alternates else None, where)
-        data = self._image_bytes(row[self.cfg.image_column], where)
-        image = decode_image(data, where)
+        data = self._image_bytes(value, where)
+        image = decode_image(data, where, **image_limits(self.cfg))
         sample_id = str(row[self.cfg.id_column]) if self.has_ids else hashlib.sha1(data).hexdigest()
         rng = random.Random(seed_of(self.seed, epoch, index))
         return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
@@ -221,8 +280,100 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             epoch, batch = epoch + 1, 0
 
 
-def load_table(cfg: DictConfig, cache_dir: str):
-    """The `datasets` table behind map-style sources, with the image column left undecoded."""
+MAX_WARNED_LINES = 20  # bad metadata lines warned one by one; the rest are counted
+
+
+def read_metadata(root: Path, on_bad_sample: str, skipped: Optional[list] = None):
+    """An image folder's ``metadata.jsonl`` as the table `datasets`' imagefolder loader makes
+    (an undecoded ``image`` column first, with absolute paths, then the other keys in order of
+    first appearance; rows in file order), read here line by line so that a bad line is named
+    by file and line number: not UTF-8, not a JSON object, no ``file_name``, or a ``file_name``
+    that leaves the folder. ``on_bad_sample=skip`` leaves such lines out with a warning and
+    appends ``"<file>:<line>"`` to ``skipped``; ``error`` refuses the file.
+
+    A missing image is not a bad line: it is a bad sample when (if ever) it is loaded, as before.
+    """
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    meta = root / "metadata.jsonl"
+    base = Path(os.path.realpath(root))  # as the imagefolder loader: links in data.path resolved
+    paths: list[str] = []
+    rows: list[dict] = []
+    bad: list[tuple[int, str]] = []
+    digest = hashlib.sha256(str(base).encode())
+    with open(meta, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                bad.append((number, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                    "save the file as UTF-8"))
+                continue
+            except json.JSONDecodeError as exc:
+                bad.append((number, f"not JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            name = row.get("file_name") if isinstance(row, dict) else None
+            if not isinstance(row, dict):
+                bad.append((number, "not a JSON object"))
+            elif not isinstance(name, str) or not name.strip():
+                bad.append((number, "no file_name"))
+            elif os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+                bad.append((number, f"file_name {name!r} leaves the data folder (file names are relative to "
+                                    f"{root} and stay inside it)"))
+            else:
+                path = str(base / os.path.normpath(name))
+                paths.append(path)
+                rows.append(row)
+                digest.update(raw)
+                try:  # changed images change the fingerprint (caches keyed by it, e.g. dedup)
+                    stat = os.stat(path)
+                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+                except OSError:
+                    digest.update(b"missing")
+    if bad:
+        first = f"{meta}:{bad[0][0]}: {bad[0][1]}"
+        if on_bad_sample == "error":
+            more = f" (and {len(bad) - 1} more bad line(s))" if len(bad) > 1 else ""
+            raise DataError(f"{first}{more}; fix the line, or set data.on_bad_sample=skip to leave bad lines out")
+        for number, problem in bad[:MAX_WARNED_LINES]:
+            log.warning("skipping bad metadata line %s:%d: %s", meta, number, problem)
+        if len(bad) > MAX_WARNED_LINES:
+            log.warning("skipping %d more bad line(s) of %s", len(bad) - MAX_WARNED_LINES, meta)
+        if skipped is not None:
+            skipped.extend(f"{meta}:{number}" for number, _ in bad)
+    columns: dict[str, list] = {}
+    for row in rows:
+        for key in row:
+            if key != "file_name" and key not in columns:
+                columns[key] = []
+    if "image" in columns:
+        raise DataError(f"{meta}: a key is named 'image', the column the image files get; rename it")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    arrays = {"image": pa.array([{"bytes": None, "path": p} for p in paths], type=image_type)}
+    for key in columns:
+        values = [row.get(key) for row in rows]
+        try:
+            arrays[key] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataError(f"{meta}: the values of '{key}' do not share one type ({exc}); "
+                            "make them all text, all numbers or all lists") from exc
+    arrow = pa.Table.from_pydict(arrays)
+    features = datasets.Features.from_arrow_schema(arrow.schema)
+    features["image"] = datasets.Image(decode=False)
+    # A fingerprint from the content, so it is the same on every rank and in every run
+    return datasets.Dataset(InMemoryTable(arrow), info=datasets.DatasetInfo(features=features),
+                            split=datasets.Split.TRAIN, fingerprint=digest.hexdigest()[:16])
+
+
+def load_table(cfg: DictConfig, cache_dir: str, skipped: Optional[list] = None):
+    """The `datasets` table behind map-style sources, with the image column left undecoded.
+
+    ``skipped``: a list that gets ``"<file>:<line>"`` for each bad metadata.jsonl line left out
+    (data.on_bad_sample=skip), so the caller can count them with the bad samples."""
     import datasets
 
     if cfg.source == "imagefolder":
@@ -232,7 +383,13 @@ def load_table(cfg: DictConfig, cache_dir: str):
         if not (root / "metadata.jsonl").is_file() and not (root / "metadata.csv").is_file():
             raise DataError(f"data.path={cfg.path}: no metadata.jsonl with file_name and {cfg.caption_column} "
                             "columns (an image folder without captions cannot train a text-to-image model)")
-        table = datasets.load_dataset("imagefolder", data_dir=str(root), split=cfg.split)
+        if (root / "metadata.jsonl").is_file():
+            if cfg.split != "train":
+                raise DataError(f"data.split={cfg.split}: an image folder has one split, 'train'; to train on "
+                                "part of it set data.filter_column and data.filter_value")
+            table = read_metadata(root, cfg.on_bad_sample, skipped)
+        else:  # metadata.csv: the `datasets` loader reads it
+            table = datasets.load_dataset("imagefolder", data_dir=str(root), split=cfg.split)
     else:  # "hf": a name on the hub (cached), a folder of data files, or a save_to_disk folder
         path = Path(cfg.path).expanduser()
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -302,13 +459,18 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, raw: dict, epoch: int) -> dict:
         where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        text = raw["txt"].decode("utf-8") if "txt" in raw else meta.get(self.cfg.caption_column)
+        try:
+            meta = json.loads(raw["json"]) if "json" in raw else {}
+            text = raw["txt"].decode("utf-8") if "txt" in raw else meta.get(self.cfg.caption_column)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            raise BadSampleError(f"unreadable caption or metadata in {where}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise BadSampleError(f"metadata of {where} is not a JSON object")
         captions = clean_captions(text, meta.get(self.cfg.captions_column), where)
         key = next((k for k in IMAGE_KEYS if k in raw), None)
         if key is None:
             raise BadSampleError(f"no image ({'/'.join(IMAGE_KEYS)}) in {where}")
-        image = decode_image(raw[key], where)
+        image = decode_image(raw[key], where, **image_limits(self.cfg))
         sample_id = str(meta.get(self.cfg.id_column) or hashlib.sha1(raw[key]).hexdigest())
         rng = random.Random(seed_of(self.seed, epoch, sample_id))
         return {"pixel_values": self.transform(image, rng), "text": captions[0], "captions": captions,
