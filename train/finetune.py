@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # `python train/finetune.py` / `accelerate launch train/finetune.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,18 +25,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from train.util import build_once, seed_of
 from data.datasets import DataError, DataPosition, build_train_data, load_table, resolve_source
 from train.checkpoint import (CheckpointError, TrainState, find_checkpoint, load_checkpoint,
                               map_data_position, save_checkpoint, weights_divergence)
-from train.config import ConfigError, parse_args, save_config
+from train.config import parse_args, save_config
 from train.evaluate.hook import run_eval_hook
-from train.mitigate.captions import CaptionPerturber
-from train.mitigate.regularize import active_terms, attention_penalties
-from train.mitigate.weights import data_weights, flag_weights, loss_map
-from train.monitor.monitor import LEDGER_FILE, Monitor
+from train.evaluate.validation import validation_images
+from train.mitigate import BuildContext, Mitigations, MitigationStep, build_mitigations
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
+from train.monitor.monitor import LEDGER_FILE, Monitor, StepRecord
 from train.tracking import Tracker
+from train.util import ConfigError, build_once, seed_of
 
 log = logging.getLogger("copyguard")
 
@@ -125,24 +126,141 @@ def build_lr_scheduler(optimizer, train_cfg: DictConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# One batch: text, noise, per-sample loss
+# Before training: inputs, the run folder, models, data, monitor and mitigations
+# --------------------------------------------------------------------------------------------
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "ledger.parquet", "final")
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Fail on a missing data or model folder before any model loads or any folder is made."""
+    def local_path(spec: Optional[str]) -> Optional[Path]:
+        # a hub id is "name" or "org/name"; anything else that names no folder is a missing one
+        if not spec or Path(spec).expanduser().exists():
+            return None
+        return Path(spec).expanduser() if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 else None
+
+    if cfg.data.source == "imagefolder" and not Path(cfg.data.path).expanduser().is_dir():
+        raise DataError(f"data.path={cfg.data.path}: no such folder (an image folder with metadata.jsonl)")
+    if cfg.data.source == "hf" and local_path(cfg.data.path):
+        raise DataError(f"data.path={cfg.data.path}: no such folder, and not a data set name")
+    for key in ("pretrained", "init_from"):
+        if local_path(cfg.model[key]):
+            raise ModelError(f"model.{key}={cfg.model[key]}: no such folder, and not a hub id (org/name)")
+
+
+def claim_output_dir(cfg: DictConfig, out: Path, accelerator) -> None:
+    """A new run gets a folder of its own: one holding another run is refused (its checkpoints
+    would be pruned and its files overwritten), or moved aside with ``overwrite=true``."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and cfg.train.resume is None:
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"output_dir {out} already holds a run ({', '.join(held)}). Continue it with train.resume=latest, "
+                "choose another output_dir, or set overwrite=true to move the old run aside (nothing is deleted)")
+        accelerator.wait_for_everyone()  # every rank has looked before the folder moves
+        if accelerator.is_main_process:
+            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            log.warning("overwrite=true: the run that was in %s is now in %s", out, aside)
+    accelerator.wait_for_everyone()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{accelerator.process_index}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output_dir {out} cannot be written ({exc.strerror}); choose a writable folder") from None
+
+
+@dataclass
+class Models:
+    """What trains and what stays frozen, placed and wrapped for the launched engine."""
+
+    parts: Any  # train.models.Components as loaded (tokenizer, scheduler, frozen modules)
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    ema: Any
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    dtype: torch.dtype
+    fingerprint: dict
+
+
+def build_models(cfg: DictConfig, accelerator) -> Models:
+    """The frozen parts in the compute dtype, the trained ones in fp32 (accelerate autocasts)."""
+    tcfg, device = cfg.train, accelerator.device
+    with accelerator.main_process_first(), zero3_init_disabled(accelerator.state.deepspeed_plugin):
+        parts = load_components(cfg.model, cfg.data.resolution)  # the first process builds a preset
+    text_encoder, vae, unet = parts.text_encoder, parts.vae, parts.unet
+    dtype = weight_dtype(tcfg.mixed_precision)
+    freeze(vae)
+    vae.to(device, dtype=dtype)
+    if tcfg.text_encoder:
+        text_encoder.train()
+    else:
+        freeze(text_encoder)
+        text_encoder.to(device, dtype=dtype)
+    unet.train()
+    if tcfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if tcfg.text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if tcfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    fingerprint = unet_fingerprint(unet)
+    ema = None
+    if tcfg.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=tcfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema.to(device)
+    trained = [unet] + ([text_encoder] if tcfg.text_encoder else [])
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tcfg)
+    lr_scheduler = build_lr_scheduler(optimizer, tcfg)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
+    if tcfg.text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    return Models(parts, unet, text_encoder, vae, ema, optimizer, lr_scheduler, params, dtype, fingerprint)
+
+
+def restore_state(cfg: DictConfig, accelerator, models: Models, rng: torch.Generator, resume_from: Optional[Path],
+                  streaming: bool) -> TrainState:
+    """A fresh train state, or the checkpoint's with its data position mapped to this launch."""
+    tcfg, world = cfg.train, accelerator.num_processes
+    state = TrainState(world_size=world, batch_size=tcfg.batch_size, num_workers=cfg.data.num_workers,
+                       model=models.fingerprint)
+    if resume_from is None:
+        state.data = DataPosition()
+        return state
+    state = load_checkpoint(accelerator, resume_from, rng, models.ema, models.fingerprint)
+    models.lr_scheduler.load_state_dict({**state.lr_scheduler,
+                                         "lr_lambdas": [None] * len(models.optimizer.param_groups)})
+    position = map_data_position(state, world, tcfg.batch_size, cfg.data.num_workers, streaming)
+    state.data, state.world_size, state.batch_size = position, world, tcfg.batch_size
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, position.epoch, position.batch)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# One micro-batch: text, noise, per-sample loss
 # --------------------------------------------------------------------------------------------
 
 
-def captions_for_batch(batch: dict, seed: int, caption_dropout: float,
-                       keep: Optional[torch.Tensor] = None) -> list[str]:
-    """The caption each sample trains on; dropout to "" is seeded per (epoch, sample) for resume.
-    ``keep`` (per sample, in [0, 1]) scales the chance of keeping the caption: a sample keeps it
-    with probability (1 - caption_dropout) x keep (de-duplication by caption)."""
-    if caption_dropout <= 0 and keep is None:
+def captions_for_batch(batch: dict, seed: int, caption_dropout: float) -> list[str]:
+    """The caption each sample trains on; dropout to "" (for classifier-free guidance) is seeded
+    per (epoch, sample), so a resumed run drops the same ones."""
+    if caption_dropout <= 0:
         return list(batch["text"])
-    import random
-
-    keep = [1.0] * len(batch["text"]) if keep is None else keep.tolist()
-    # drop below p + (1 - p)(1 - keep): exactly caption_dropout where keep = 1
-    return ["" if random.Random(seed_of(seed, "caption-dropout", batch["epoch"], sid)).random()
-            < caption_dropout + (1 - caption_dropout) * (1 - k) else text
-            for text, sid, k in zip(batch["text"], batch["sample_id"], keep)]
+    return ["" if random.Random(seed_of(seed, "caption-dropout", batch["epoch"], sid)).random() < caption_dropout
+            else text for text, sid in zip(batch["text"], batch["sample_id"])]
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
@@ -170,10 +288,42 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.T
     return loss
 
 
-def new_window() -> dict:
-    """Sums over the steps since the last log line."""
-    return {"loss_sum": 0.0, "samples": 0, "bad": [], "skipped": 0, "t0": time.perf_counter(), "steps": 0,
-            "weight_sum": 0.0, "perturbed": 0}
+@dataclass
+class Noised:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+@torch.no_grad()
+def noise_batch(pixel_values: torch.Tensor, vae, noise_scheduler, rng: torch.Generator, noise_offset: float) -> Noised:
+    """Latents, noise and timesteps from this rank's generator (part of the checkpoint: exact resume)."""
+    bsz, device = pixel_values.shape[0], pixel_values.device
+    latents = vae.encode(pixel_values).latent_dist.sample(generator=rng)
+    latents = (latents * vae.config.scaling_factor).float()
+    noise = torch.randn(latents.shape, generator=rng, device=device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=rng, device=device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=rng, device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = (noise_scheduler.get_velocity(latents, noise, timesteps)
+              if noise_scheduler.config.prediction_type == "v_prediction" else noise)
+    return Noised(latents, noise, noisy, timesteps, target)
+
+
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last log line (this rank's, reduced when logged)."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    skipped: int = 0
+    bad: list = field(default_factory=list)
+    grad_norm: Any = None  # of the last optimizer step
+    t0: float = field(default_factory=time.perf_counter)
 
 
 def gather_strings(accelerator, items: list[str]) -> list[str]:
@@ -185,6 +335,121 @@ def gather_strings(accelerator, items: list[str]) -> list[str]:
     return [s for part in gather_object([list(items)]) for s in part]
 
 
+def train_micro_batch(cfg: DictConfig, accelerator, m: Models, batch: dict, state: TrainState, rng: torch.Generator,
+                      monitor: Optional[Monitor], mitigations: Mitigations, window: Window) -> None:
+    """Steps 2-7 of a micro-batch (DESIGN.md "How a batch flows"); every rank runs the same
+    forward and backward whatever its samples' weights."""
+    tcfg, device, scheduler = cfg.train, accelerator.device, m.parts.noise_scheduler
+    pixel_values = batch["pixel_values"].to(device, dtype=m.dtype, non_blocking=True)
+    bsz = pixel_values.shape[0]
+    # 2. latents, noise, timesteps; the ledger's flags as they stand; the text as mitigated
+    n = noise_batch(pixel_values, m.vae, scheduler, rng, tcfg.noise_offset)
+    flagged, scores = monitor.flags(batch) if monitor is not None else (torch.zeros(bsz, dtype=torch.bool), None)
+    mstep = MitigationStep(batch, state.step, state.micro_step, flagged, scores, n.timesteps)
+    captions = mitigations.captions(mstep, captions_for_batch(batch, cfg.seed, tcfg.caption_dropout))
+    with nullcontext() if tcfg.text_encoder else torch.no_grad():
+        text_emb = encode_text(m.parts.tokenizer, m.text_encoder, captions, device)
+    text_emb = mitigations.text_embedding(mstep, text_emb)
+
+    # 3. forward (the monitor's attn2 processors keep per-sample attention reductions)
+    if monitor is not None:
+        monitor.before_forward(captions)
+    pred = m.unet(n.noisy, n.timesteps, text_emb, return_dict=False)[0]
+    # 4. loss per sample; 5. signals -> gathered -> ledger (the monitor sees the plain loss)
+    loss_vec = per_sample_loss(pred, n.target, n.timesteps, scheduler, tcfg.snr_gamma)
+    weights, where = mitigations.weights_and_map(mstep, n.latents.shape[-2:], device)
+    objective = (per_sample_loss(pred, n.target, n.timesteps, scheduler, tcfg.snr_gamma, where)
+                 if where is not None else loss_vec)
+    terms = mitigations.loss_terms(mstep)
+    if monitor is not None:
+        monitor.after_forward(accelerator, StepRecord(batch, state.step, loss_vec, pred, n.latents, n.noise, n.noisy,
+                                                      n.timesteps, text_emb))
+
+    # 6. every rank sees every rank's losses: the finite check decides the same on all ranks
+    all_losses = accelerator.gather(loss_vec.detach())
+    finite = torch.isfinite(all_losses)
+    if not bool(finite.all()):
+        if tcfg.on_nonfinite == "error":
+            bad_ids = [sid for sid, ok in zip(batch["sample_id"], torch.isfinite(loss_vec)) if not ok]
+            raise FloatingPointError(
+                f"non-finite loss at step {state.step} ({int((~finite).sum())} sample(s); on this rank: "
+                f"{bad_ids or 'none'}); lower train.lr, or set train.on_nonfinite=skip")
+        weights = torch.where(torch.isfinite(loss_vec), weights, torch.zeros_like(weights))
+        window.skipped += int((~finite).sum())
+
+    # 7. reduce, backward, clip, step. A zero weight keeps the sample in the graph.
+    loss = (torch.where(weights > 0, objective, torch.zeros_like(objective)) * weights).mean()
+    loss = loss + sum(terms.values(), torch.zeros((), device=device))
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
+        window.grad_norm = accelerator.clip_grad_norm_(m.params, max_norm)
+        # grads are all-reduced, so this decision is the same on every rank
+        if window.grad_norm is not None and not torch.isfinite(torch.as_tensor(window.grad_norm)):
+            m.optimizer.zero_grad(set_to_none=True)
+            window.skipped += bsz
+    m.optimizer.step()
+    m.optimizer.zero_grad(set_to_none=True)
+    window.loss_sum += float(all_losses[finite].sum())
+    window.samples += int(finite.sum())
+    window.bad += batch["bad"]
+
+
+def advance_position(state: TrainState, batch: dict, bsz: int, world: int, batches_per_epoch: int,
+                     streaming: bool) -> None:
+    """The data position after a micro-batch: the batch just consumed, plus one."""
+    state.micro_step += 1
+    state.samples_seen += bsz * world
+    if streaming:
+        state.data = DataPosition(0, 0, state.micro_step)
+        return
+    nxt = batch["batch"] + 1
+    state.data = (DataPosition(batch["epoch"] + 1, 0, state.micro_step) if nxt >= batches_per_epoch
+                  else DataPosition(batch["epoch"], nxt, state.micro_step))
+
+
+def log_window(cfg: DictConfig, accelerator, m: Models, state: TrainState, data, window: Window,
+               monitor: Optional[Monitor], mitigations: Mitigations, tracker: Tracker, bad_samples: set) -> dict:
+    """The ``train/``, ``data/``, ``perf/``, ``mitig/`` and ``memo/`` keys of one log line (a
+    collective: every rank reduces its window)."""
+    bad_samples.update(gather_strings(accelerator, window.bad))
+    elapsed = time.perf_counter() - window.t0
+    world, tcfg = accelerator.num_processes, cfg.train
+    grad_norm = window.grad_norm
+    metrics = {
+        "train/loss": window.loss_sum / max(window.samples, 1),
+        "train/lr": m.lr_scheduler.get_last_lr()[0],
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "train/epoch": state.data.epoch + state.data.batch / data.batches_per_epoch if data.batches_per_epoch else 0.0,
+        "train/samples_seen": state.samples_seen,
+        "train/nonfinite_skipped": window.skipped,
+        "data/bad_samples": len(bad_samples),
+        "perf/samples_per_s": window.steps * tcfg.gradient_accumulation_steps * tcfg.batch_size * world / max(elapsed, 1e-9),
+        "perf/step_time_s": elapsed / max(window.steps, 1),
+        **mitigations.metrics(accelerator),
+    }
+    if monitor is not None:
+        metrics.update(monitor.metrics())
+        tracker.log_histograms(monitor.histograms(), state.step)
+        tracker.log_table("memo/top_flagged", monitor.top_flagged(cfg.monitor.table_size), state.step)
+    tracker.log(metrics, state.step)
+    return metrics
+
+
+def checkpoint(cfg: DictConfig, accelerator, m: Models, state: TrainState, rng, monitor, zero_stage: int,
+               out: Path, tracker: Tracker) -> None:
+    world = accelerator.num_processes
+    if zero_stage < 3 and world > 1:  # ranks must hold the same weights; say so if not
+        divergence = weights_divergence(accelerator, accelerator.unwrap_model(m.unet))
+        tracker.log({"dist/weights_divergence": divergence, "dist/world_size": world}, state.step)
+        if divergence > 0:
+            log.warning("ranks hold different weights at step %d (divergence %.3g)", state.step, divergence)
+    state.lr_scheduler = {k: v for k, v in m.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+    path = save_checkpoint(accelerator, out, state, rng, m.ema, cfg.train.checkpoints_total_limit,
+                           extra_files={LEDGER_FILE: monitor.save} if monitor is not None else None)
+    log.info("saved %s", path)
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -193,278 +458,85 @@ def gather_strings(accelerator, items: list[str]) -> list[str]:
 def run(cfg: DictConfig) -> Path:
     """Train as ``cfg`` says; return the run directory."""
     out = Path(cfg.output_dir).expanduser()
+    check_inputs(cfg)
     accelerator = build_accelerator(cfg)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     zero_stage = check_engine(cfg, accelerator)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    tcfg = cfg.train
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    rank, world, tcfg = accelerator.process_index, accelerator.num_processes, cfg.train
+    claim_output_dir(cfg, out, accelerator)
     resume_from = find_checkpoint(out, tcfg.resume)
     if tcfg.resume == "latest" and resume_from is None:
         log.info("train.resume=latest: no checkpoint in %s yet, starting from step 0", out)
 
-    # Models: the frozen parts in the compute dtype, the trained ones in fp32 (accelerate autocasts).
-    plugin = accelerator.state.deepspeed_plugin
-    with accelerator.main_process_first(), zero3_init_disabled(plugin):  # first process builds preset/data
-        parts = load_components(cfg.model, cfg.data.resolution)
+    # 1. models, the train state, and the data (each rank its own noise stream, checkpointed)
+    m = build_models(cfg, accelerator)
+    with accelerator.main_process_first():  # the first process builds a generated data set
         data_cfg = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = (
-        parts.tokenizer, parts.text_encoder, parts.vae, parts.unet, parts.noise_scheduler)
-    dtype = weight_dtype(tcfg.mixed_precision)
-    freeze(vae)
-    vae.to(device, dtype=dtype)
-    if tcfg.text_encoder:
-        text_encoder.train()
-    else:
-        freeze(text_encoder)
-        text_encoder.to(device, dtype=dtype)
-    unet.train()
-    if tcfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if tcfg.text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    if tcfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    fingerprint = unet_fingerprint(unet)
-
-    ema = None
-    if tcfg.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), decay=tcfg.ema_decay, model_cls=type(unet), model_config=unet.config)
-        ema.to(device)
-
-    trained = [unet] + ([text_encoder] if tcfg.text_encoder else [])
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tcfg)
-    lr_scheduler = build_lr_scheduler(optimizer, tcfg)
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = tcfg.batch_size
-    if tcfg.text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-
-    # Each rank draws its own noise and timesteps; the generator is part of the checkpoint.
-    rng = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, "noise", rank))
-    state = TrainState(world_size=world, batch_size=tcfg.batch_size, num_workers=cfg.data.num_workers,
-                       model=fingerprint)
     streaming = data_cfg.source == "webdataset"
-    position = DataPosition()
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, rng, ema, fingerprint)
-        lr_scheduler.load_state_dict({**state.lr_scheduler, "lr_lambdas": [None] * len(optimizer.param_groups)})
-        position = map_data_position(state, world, tcfg.batch_size, cfg.data.num_workers, streaming)
-        state.data, state.world_size, state.batch_size = position, world, tcfg.batch_size
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, position.epoch, position.batch)
-    # Map-style data: the table first, for the de-duplication weights (known from the data alone:
-    # whole-image rows, region tile maps), which may decide how rows are sampled.
-    mcfg = cfg.mitigate
+    rng = torch.Generator(device=accelerator.device).manual_seed(seed_of(cfg.seed, "noise", rank))
+    state = restore_state(cfg, accelerator, m, rng, resume_from, streaming)
     table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir)
-    dedup, regions = data_weights(mcfg.weights, table, data_cfg.image_column, data_cfg.resolution,
-                                  cfg.model.cache_dir, root)
-    sample_weights = keep_caption = None
-    if mcfg.weights.dedup_by == "sampling":  # rows drawn in proportion instead of weighted in the loss
-        sample_weights, dedup = dedup, None
-        log.info("de-duplication by sampling: %d of %d rows per epoch", int(sample_weights.sum()), len(table))
-    elif mcfg.weights.dedup_by == "caption":  # rows keep their caption in proportion, train in full
-        keep_caption, dedup = dedup, None
-        log.info("de-duplication by caption: %d of %d rows keep their caption less often (%.0f captioned per epoch)",
-                 int((keep_caption < 1).sum()), len(table), float(keep_caption.sum()))
-    data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
-                            cache_dir=cfg.model.cache_dir, position=position,
-                            table=None if streaming else (table, root),
-                            sample_weights=sample_weights)
-
     monitor = None
-    if cfg.monitor.enabled:
-        monitor = Monitor(cfg.monitor, accelerator.unwrap_model(unet), tokenizer, accelerator.unwrap_model(text_encoder),
-                          noise_scheduler, num_samples=data.num_samples, table=data.table,
-                          id_column=data_cfg.id_column, caption_column=data_cfg.caption_column)
+    if cfg.monitor.enabled:  # the ledger has a row per table row (or grows with a stream)
+        monitor = Monitor(cfg.monitor, accelerator.unwrap_model(m.unet), m.parts.tokenizer,
+                          accelerator.unwrap_model(m.text_encoder), m.parts.noise_scheduler,
+                          num_samples=None if streaming else len(table), table=table, id_column=data_cfg.id_column,
+                          caption_column=data_cfg.caption_column)
         if resume_from is not None:
             monitor.load(resume_from)
-
-    # Mitigations: caption perturbation, per-sample loss weights, attention regularizers.
-    perturb = CaptionPerturber(mcfg.captions, tokenizer, cfg.seed)
-    penalties_on = active_terms(mcfg.regularize)
-    if penalties_on:
-        monitor.capture.with_grad = True  # the penalties backpropagate through the attention
-
+    mitigations = build_mitigations(cfg.mitigate, BuildContext(cfg.seed, m.parts.tokenizer, monitor,
+                                                               tcfg.caption_dropout, data_cfg, cfg.model.cache_dir))
+    # mitigations known from the data alone (de-duplication) may decide how rows are drawn
+    sample_weights = None if streaming else mitigations.prepare(table, root)
+    data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
+                            cache_dir=cfg.model.cache_dir, position=state.data,
+                            table=None if streaming else (table, root), sample_weights=sample_weights)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
-    tracker = Tracker(cfg, out, accelerator.is_main_process,
-                      resume_step=state.step if resume_from is not None else None)
+    tracker = Tracker(cfg, out, accelerator.is_main_process, resume_step=state.step if resume_from is not None else None)
     progress = tqdm(total=tcfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
-    log.info("training %s on %s: %s samples, %d process(es) x batch %d x accumulation %d, %d steps",
-             parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
-             tcfg.gradient_accumulation_steps, tcfg.max_steps)
+    log.info("training %s on %s: %s samples, %d process(es) x batch %d x accumulation %d, %d steps; mitigations: %s",
+             m.parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
+             tcfg.gradient_accumulation_steps, tcfg.max_steps, ", ".join(mitigations.names) or "none")
 
     bad_samples: set[str] = set()  # distinct bad samples met so far, over all ranks
-    window = new_window()
-    grad_norm = torch.tensor(float("nan"))
+    window = Window()
     batches = iter(data.loader)
     while state.step < tcfg.max_steps:
-        # 1. data
         batch = next(batches)
-        pixel_values = batch["pixel_values"].to(device, dtype=dtype, non_blocking=True)
-        bsz = pixel_values.shape[0]
-
-        with accelerator.accumulate(unet):
-            # 2. latents, noise, timesteps, text
-            with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=rng)
-                latents = (latents * vae.config.scaling_factor).float()
-            noise = torch.randn(latents.shape, generator=rng, device=device)
-            if tcfg.noise_offset:
-                noise = noise + tcfg.noise_offset * torch.randn(
-                    (bsz, latents.shape[1], 1, 1), generator=rng, device=device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
-                                      generator=rng, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            flagged, scores = monitor.flags(batch) if monitor is not None else (torch.zeros(bsz, dtype=torch.bool), None)
-            captions = captions_for_batch(batch, cfg.seed, tcfg.caption_dropout,
-                                          None if keep_caption is None else keep_caption[batch["index"]])
-            perturbed = perturb.applies(state.step, flagged)
-            captions = perturb(captions, batch["captions"], batch["sample_id"], state.micro_step, perturbed)
-            with nullcontext() if tcfg.text_encoder else torch.no_grad():
-                text_emb = encode_text(tokenizer, text_encoder, captions, device)
-            text_emb = perturb.embedding_noise(text_emb, batch["sample_id"], state.micro_step, perturbed)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-
-            # 3. forward (the monitor's attn2 processors keep per-sample attention reductions)
-            if monitor is not None:
-                monitor.before_forward(captions)
-            pred = unet(noisy, timesteps, text_emb, return_dict=False)[0]
-            # 4. loss per sample; 5. signals -> gathered -> ledger (same on every rank), flags
-            loss_vec = per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma)
-            # what is optimized: the same, weighted under shared regions (the monitor sees the plain loss)
-            # de-duplication weights act from timestep dedup_min_t up (below it, every image trains in full)
-            dedup_on = (timesteps >= mcfg.weights.dedup_min_t).cpu()
-            where = (loss_map(torch.where(dedup_on[:, None, None], regions[batch["index"]], 1.0), latents.shape[-2:])
-                     .to(device) if regions is not None else None)
-            objective = (per_sample_loss(pred, target, timesteps, noise_scheduler, tcfg.snr_gamma, where)
-                         if where is not None else loss_vec)
-            penalties = attention_penalties(mcfg.regularize, monitor.capture, timesteps) if penalties_on else {}
-            if monitor is not None:
-                monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, timesteps,
-                                      text_emb, state.step)
-
-            # 6. mitigation: a weight per sample (0 = drop) and attention penalties
-            weights = flag_weights(mcfg.weights, flagged, scores, state.step)
-            if dedup is not None:
-                weights = weights * torch.where(dedup_on, dedup[batch["index"]], 1.0)
-            weights = weights.to(device)
-            reg_mask = ((flagged if mcfg.regularize.target == "flagged" else torch.ones_like(flagged))
-                        & torch.tensor(state.step >= mcfg.regularize.start_step)).to(device, loss_vec.dtype)
-            reg_loss = sum((mcfg.regularize[name] * (term * reg_mask).mean() for name, term in penalties.items()),
-                           torch.zeros((), device=device))
-
-            # Every rank sees every rank's losses: the finite check decides the same on all ranks.
-            all_losses = accelerator.gather(loss_vec.detach())
-            finite = torch.isfinite(all_losses)
-            if not bool(finite.all()):
-                bad_ids = [sid for sid, ok in zip(batch["sample_id"], torch.isfinite(loss_vec)) if not ok]
-                if tcfg.on_nonfinite == "error":
-                    raise FloatingPointError(
-                        f"non-finite loss at step {state.step} ({int((~finite).sum())} sample(s); on this rank: "
-                        f"{bad_ids or 'none'}); lower train.lr, or set train.on_nonfinite=skip")
-                weights = torch.where(torch.isfinite(loss_vec), weights, torch.zeros_like(weights))
-                window["skipped"] += int((~finite).sum())
-
-            # 6-7. reduce, backward, clip, step. A zero weight keeps the sample in the graph, so
-            # every rank runs the same backward whatever it drops.
-            loss = (torch.where(weights > 0, objective, torch.zeros_like(objective)) * weights).mean() + reg_loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(params, max_norm)
-                # grads are all-reduced, so this decision is the same on every rank
-                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    window["skipped"] += bsz
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        # Bookkeeping per micro-batch: the data position is the batch just consumed, plus one.
-        state.micro_step += 1
-        state.samples_seen += bsz * world
-        if not streaming:
-            nxt = batch["batch"] + 1
-            state.data = (DataPosition(batch["epoch"] + 1, 0, state.micro_step)
-                          if nxt >= data.batches_per_epoch else DataPosition(batch["epoch"], nxt, state.micro_step))
-        else:
-            state.data = DataPosition(0, 0, state.micro_step)
-        window["loss_sum"] += float(all_losses[finite].sum())
-        window["weight_sum"] += float((weights * where.mean(dim=(1, 2, 3))).sum() if where is not None else weights.sum())
-        window["perturbed"] += int(perturbed.sum())
-        for name, term in penalties.items():
-            window[f"mitig/{name}"] = window.get(f"mitig/{name}", 0.0) + float(term.detach().mean())
-        window["samples"] += int(finite.sum())
-        window["bad"] += batch["bad"]
+        with accelerator.accumulate(m.unet):
+            train_micro_batch(cfg, accelerator, m, batch, state, rng, monitor, mitigations, window)
+        advance_position(state, batch, len(batch["sample_id"]), world, data.batches_per_epoch, streaming)
         if not accelerator.sync_gradients:
             continue
 
-        # 7. one optimizer step done
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet.parameters())
+        # one optimizer step done
+        m.lr_scheduler.step()
+        if m.ema is not None:
+            m.ema.step(m.unet.parameters())
         state.step += 1
-        window["steps"] += 1
+        window.steps += 1
         progress.update(1)
-
-        if state.step % cfg.logging.every == 0 or state.step == tcfg.max_steps:
-            bad_samples.update(gather_strings(accelerator, window["bad"]))
-            elapsed = time.perf_counter() - window["t0"]
-            samples_per_s = window["steps"] * tcfg.gradient_accumulation_steps * bsz * world / max(elapsed, 1e-9)
-            metrics = {
-                "train/loss": window["loss_sum"] / max(window["samples"], 1),
-                "train/lr": lr_scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "train/epoch": state.data.epoch + state.data.batch / data.batches_per_epoch if data.batches_per_epoch else 0.0,
-                "train/samples_seen": state.samples_seen,
-                "train/nonfinite_skipped": window["skipped"],
-                "data/bad_samples": len(bad_samples),
-                "perf/samples_per_s": samples_per_s,
-                "perf/step_time_s": elapsed / window["steps"],
-            }
-            micro = window["steps"] * tcfg.gradient_accumulation_steps
-            metrics.update({"mitig/mean_weight": window["weight_sum"] / max(micro * bsz, 1),
-                            "mitig/perturbed_captions": window["perturbed"]})
-            metrics.update({k: v / max(micro, 1) for k, v in window.items() if k.startswith("mitig/")})
-            if monitor is not None:
-                metrics.update(monitor.metrics())
-                tracker.log_histograms(monitor.histograms(), state.step)
-                tracker.log_table("memo/top_flagged", monitor.top_flagged(cfg.monitor.table_size), state.step)
-            tracker.log(metrics, state.step)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", sps=f"{samples_per_s:.1f}")
-            window = new_window()
-
-        # 8. validation images and checkpoints
+        last = state.step == tcfg.max_steps
+        if state.step % cfg.logging.every == 0 or last:
+            metrics = log_window(cfg, accelerator, m, state, data, window, monitor, mitigations, tracker, bad_samples)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", sps=f"{metrics['perf/samples_per_s']:.1f}")
+            window = Window()
+        # 8. validation images, the eval hook, checkpoints
         if cfg.validation.prompts and cfg.validation.every and state.step % cfg.validation.every == 0:
-            validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
-        if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == tcfg.max_steps):
-            # generate probe prompts (top flagged first), judge copies globally and inside BE regions
+            validation_images(cfg.validation, cfg.data.resolution, accelerator, m.parts, m.unet, m.text_encoder,
+                              m.ema, m.dtype, state.step, out, tracker)
+        if cfg.eval.every and (state.step % cfg.eval.every == 0 or last):
+            # probe prompts (top flagged first); copies judged globally and inside BE regions
             flagged_ids = [r["sample_id"] for r in monitor.top_flagged(cfg.eval.num_prompts)] if monitor else []
             if monitor is not None:
-                monitor.capture.enabled = False  # the hook installs its own capture for sampling
-            run_eval_hook(cfg.eval, accelerator, parts, unet, text_encoder, data.table, state.step, out, tracker,
-                          data_cfg=data_cfg, ema=ema, dtype=dtype, flagged_ids=flagged_ids)
-        if state.step % tcfg.checkpoint_every == 0 or state.step == tcfg.max_steps:
-            if zero_stage < 3 and world > 1:  # ranks must hold the same weights; say so if not
-                divergence = weights_divergence(accelerator, accelerator.unwrap_model(unet))
-                tracker.log({"dist/weights_divergence": divergence, "dist/world_size": world}, state.step)
-                if divergence > 0:
-                    log.warning("ranks hold different weights at step %d (divergence %.3g)", state.step, divergence)
-            state.lr_scheduler = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
-            path = save_checkpoint(accelerator, out, state, rng, ema, tcfg.checkpoints_total_limit,
-                                   extra_files={LEDGER_FILE: monitor.save} if monitor is not None else None)
-            log.info("saved %s", path)
+                monitor.pause()  # the hook installs its own capture for sampling
+            run_eval_hook(cfg.eval, accelerator, m.parts, m.unet, m.text_encoder, data.table, state.step, out,
+                          tracker, data_cfg=data_cfg, ema=m.ema, dtype=m.dtype, flagged_ids=flagged_ids)
+        if state.step % tcfg.checkpoint_every == 0 or last:
+            checkpoint(cfg, accelerator, m, state, rng, monitor, zero_stage, out, tracker)
 
     progress.close()
     if monitor is not None:
@@ -472,85 +544,40 @@ def run(cfg: DictConfig) -> Path:
         if accelerator.is_main_process:
             monitor.write_parquet(out / "ledger.parquet")
     if cfg.validation.prompts and not (cfg.validation.every and state.step % cfg.validation.every == 0):
-        validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, state.step, out, tracker)
-    save_final(accelerator, parts, unet, text_encoder, ema, zero_stage, tcfg.text_encoder, out)
+        validation_images(cfg.validation, cfg.data.resolution, accelerator, m.parts, m.unet, m.text_encoder, m.ema,
+                          m.dtype, state.step, out, tracker)
+    save_final(accelerator, m, zero_stage, tcfg.text_encoder, out)
     tracker.finish()
     accelerator.end_training()
     return out
 
 
 # --------------------------------------------------------------------------------------------
-# Validation images and the final pipeline
+# The final pipeline
 # --------------------------------------------------------------------------------------------
 
 
-def _pipeline(parts, unet, text_encoder, accelerator, scheduler=None):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=parts.tokenizer,
-        unet=accelerator.unwrap_model(unet), scheduler=scheduler or parts.noise_scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def validate(cfg, accelerator, parts, unet, text_encoder, ema, dtype, step, out, tracker) -> None:
-    """Images for the configured prompts; prompts are shared out over ranks so none waits long."""
-    from diffusers import DDIMScheduler
-
-    vcfg = cfg.validation
-    folder = out / "val" / f"step-{step}"
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(unet)
-    if ema is not None:  # look at the EMA weights, then put the trained ones back
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-    model.eval()
-    pipe = _pipeline(parts, unet, text_encoder, accelerator, DDIMScheduler.from_config(parts.noise_scheduler.config))
-    jobs = [(i, j) for i in range(len(vcfg.prompts)) for j in range(vcfg.images_per_prompt)]
-    autocast = torch.autocast(accelerator.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    for i, j in jobs[accelerator.process_index::accelerator.num_processes]:
-        generator = torch.Generator(device=accelerator.device).manual_seed(vcfg.seed + 1000 * i + j)
-        with autocast:
-            image = pipe(vcfg.prompts[i], num_inference_steps=vcfg.num_inference_steps,
-                         guidance_scale=vcfg.guidance_scale, generator=generator,
-                         height=cfg.data.resolution, width=cfg.data.resolution).images[0]
-        image.save(folder / f"p{i:03d}-{j}.png")
-    model.train()
-    if ema is not None:
-        ema.restore(model.parameters())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        images = [(folder / f"p{i:03d}-{j}.png", vcfg.prompts[i]) for i, j in jobs]
-        tracker.log_images("val/images", images, step)
-        tracker.log({"val/num_images": len(images)}, step)
-
-
-def save_final(accelerator, parts, unet, text_encoder, ema, zero_stage, train_text_encoder, out) -> None:
+def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool, out: Path) -> None:
     """``<run>/final``: a whole diffusers pipeline (EMA weights when EMA is on), published atomically."""
-    state_dict = accelerator.get_state_dict(unet) if zero_stage == 3 else None  # a collective under ZeRO-3
+    state_dict = accelerator.get_state_dict(m.unet) if zero_stage == 3 else None  # a collective under ZeRO-3
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+        model = accelerator.unwrap_model(m.unet)
         if state_dict is not None:
             model = type(model).from_config(model.config)
             model.load_state_dict(state_dict)
-        if ema is not None:
-            ema.copy_to(model.parameters())
-        encoder = accelerator.unwrap_model(text_encoder) if train_text_encoder else parts.text_encoder
+        if m.ema is not None:
+            m.ema.copy_to(model.parameters())
+        encoder = accelerator.unwrap_model(m.text_encoder) if train_text_encoder else m.parts.text_encoder
         final = out / "final"
         if final.exists():
             import shutil
 
             shutil.rmtree(final)
         model = model.to(torch.float32)
-        parts.vae.to(torch.float32)
+        m.parts.vae.to(torch.float32)
         encoder.to(torch.float32)
-        build_once(final, "model_index.json", lambda tmp: save_pipeline(parts, model, encoder, tmp))
+        build_once(final, "model_index.json", lambda tmp: save_pipeline(m.parts, model, encoder, tmp))
         log.info("saved the final pipeline to %s", final)
     accelerator.wait_for_everyone()
 

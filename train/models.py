@@ -12,18 +12,54 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.util import build_once
+from train.util import build_once, choice
 
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+@dataclass
+class TinyModelConfig:
+    """A small SD-architecture model built offline (CPU runs, tests, the memorization testbed)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    )
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    cross_attention_dim: int = 32
+    text_layers: int = 2
+    text_intermediate_size: int = 64
+    text_heads: int = 2
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64])
+    beta_schedule: str = choice("scaled_linear", "linear", "squaredcos_cap_v2")
+    prediction_type: str = choice("epsilon", "v_prediction")
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None  # a diffusers folder or a hub id
+    preset: Optional[str] = choice(None, "tiny")  # "tiny": build a small model offline
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    init_from: Optional[str] = None  # start NEW training from a checkpoint's / final's UNet weights
+    cache_dir: str = "~/.cache/copyguard"  # built presets and generated data sets live here
+    prediction_type: Optional[str] = choice(None, "epsilon", "v_prediction")  # override the scheduler's
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
 
 
 class ModelError(ValueError):

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
 
-from train.util import seed_of
+from train.mitigate.base import BuildContext, Mitigation, MitigationStep, targets
+from train.util import bounded, choice, seed_of
 
 _WORD = re.compile(r"^[a-z]{3,12}$")
 
@@ -35,22 +37,60 @@ def random_vocabulary(tokenizer, size: int = 5000) -> list[str]:
     return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(size)]
 
 
-class CaptionPerturber:
-    def __init__(self, cfg: DictConfig, tokenizer, seed: int):
-        self.cfg, self.seed = cfg, seed
-        self.vocabulary = random_vocabulary(tokenizer)
+@dataclass
+class CaptionsConfig:
+    """Caption perturbations (Somepalli et al. 2023); the papers' values are in configs/mitigation/."""
 
-    @property
-    def changes_text(self) -> bool:
-        c = self.cfg
-        return bool(c.multiple_captions or c.replace_p or c.add_token_p or c.repeat_word_p or c.drop_word_p
-                    or c.shuffle_p)
+    target: str = choice("all", "flagged")
+    start_step: int = bounded(0, ge=0)
+    multiple_captions: bool = False  # MC: one of the row's alternate captions
+    replace_p: float = bounded(0.0, ge=0.0, le=1.0)  # RC (paper: 0.1)
+    replace_tokens: int = bounded(4, ge=1)
+    add_token_p: float = bounded(0.0, ge=0.0, le=1.0)  # RT (paper: 0.1)
+    add_tokens: int = bounded(2, ge=1)
+    repeat_word_p: float = bounded(0.0, ge=0.0, le=1.0)  # CWR (paper: 0.1)
+    repeat_words: int = bounded(2, ge=1)
+    drop_word_p: float = bounded(0.0, ge=0.0, le=1.0)
+    shuffle_p: float = bounded(0.0, ge=0.0, le=1.0)
+    embedding_noise: float = bounded(0.0, ge=0.0)  # GN: lambda of N(0, I) on the text embedding (paper: 0.1)
 
-    def applies(self, step: int, flagged: torch.Tensor) -> torch.Tensor:
-        """Which samples this step perturbs: all, or the flagged ones, once start_step is reached."""
-        if step < self.cfg.start_step or not (self.changes_text or self.cfg.embedding_noise):
-            return torch.zeros_like(flagged)
-        return flagged if self.cfg.target == "flagged" else torch.ones_like(flagged)
+
+def _changes_text(c) -> bool:
+    return bool(c.multiple_captions or c.replace_p or c.add_token_p or c.repeat_word_p or c.drop_word_p or c.shuffle_p)
+
+
+class CaptionPerturbation(Mitigation):
+    name = "captions"
+    Config = CaptionsConfig
+
+    @classmethod
+    def active(cls, cfg: DictConfig) -> bool:
+        return _changes_text(cfg) or bool(cfg.embedding_noise)
+
+    @classmethod
+    def needs_monitor(cls, cfg: DictConfig) -> bool:
+        return cfg.target == "flagged"
+
+    def __init__(self, cfg: DictConfig, ctx: BuildContext):
+        super().__init__(cfg, ctx)
+        self.seed = ctx.seed
+        self.vocabulary = random_vocabulary(ctx.tokenizer)
+        self.changes_text = _changes_text(cfg)
+        self._perturbed, self._seen = 0, 0
+
+    def captions(self, step: MitigationStep, captions: list[str]) -> list[str]:
+        mask = targets(self.cfg, step)
+        self._perturbed += int(mask.sum())
+        self._seen += len(mask)
+        return self(captions, step.batch["captions"], step.batch["sample_id"], step.micro_step, mask)
+
+    def text_embedding(self, step: MitigationStep, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.embedding_noise(text_emb, step.batch["sample_id"], step.micro_step, targets(self.cfg, step))
+
+    def metrics(self) -> dict[str, tuple[float, float]]:
+        out = {"mitig/perturbed_share": (self._perturbed, self._seen)}
+        self._perturbed, self._seen = 0, 0
+        return out
 
     def perturb_one(self, caption: str, alternates: Sequence[str], rng: random.Random) -> str:
         c = self.cfg

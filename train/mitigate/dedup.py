@@ -1,7 +1,9 @@
-"""Per-sample loss weights: down-weight or drop what the monitor flags, or de-duplicate by image or region hash.
+"""De-duplication known from the data alone (needs no monitor): repeats of an image and regions
+(a stamp, a logo) shared at one place by many images count once.
 
-A dropped sample gets weight 0 and stays in the batch: every rank runs the same forward and
-backward whatever it drops, so DDP/DeepSpeed collectives never wait on a rank that skipped.
+Whole-image groups weigh 1 / (group size) per row; shared tiles weigh 1 / (their number) where they
+sit. The row weights act on the loss, on how often rows are drawn (``by: sampling``), or on how
+often a row keeps its caption (``by: caption``); the tile maps weigh the loss where they say.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import io
 import logging
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -17,27 +20,16 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from train.util import write_atomic
+from train.mitigate.base import BuildContext, Mitigation, MitigationStep
+from train.util import bounded, choice, seed_of, write_atomic
 
 log = logging.getLogger(__name__)
 
 
-def flag_weights(cfg: DictConfig, flagged: torch.Tensor, scores: Optional[torch.Tensor], step: int) -> torch.Tensor:
-    """``mode``: none | downweight (flagged x factor) | drop (flagged x 0) | score (a smooth
-    function of the ledger score: 1 below ``score_on``, falling as 1 / (1 + (score - score_on)))."""
-    ones = torch.ones(flagged.shape, dtype=torch.float32)
-    if cfg.mode == "none" or step < cfg.start_step:
-        return ones
-    if cfg.mode == "drop":
-        return torch.where(flagged, torch.zeros_like(ones), ones)
-    if cfg.mode == "downweight":
-        return torch.where(flagged, torch.full_like(ones, cfg.factor), ones)
-    excess = torch.nan_to_num(scores.float() - cfg.score_on, nan=0.0).clamp_min(0)
-    return 1.0 / (1.0 + excess)
-
-
 def dhash(image: Image.Image, size: int = 8) -> int:
-    """Difference hash: robust to re-encoding and resizing, equal for exact and near-exact copies."""
+    """Difference hash: robust to re-encoding and resizing, equal for exact and near-exact copies.
+    Hand-written rather than imagehash's because imagehash resizes with Lanczos: the groups, and
+    the measured results built on them, were found with this bilinear hash."""
     grey = np.asarray(image.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
     bits = (grey[:, 1:] > grey[:, :-1]).flatten()
     return int(np.packbits(bits).view(">u8")[0]) if size == 8 else int("".join(map(str, bits.astype(int))), 2)
@@ -81,9 +73,7 @@ def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path
     Rows are duplicates when their difference hashes are equal *and* their 8x8 colour thumbnails
     differ by at most ``max_distance`` (mean absolute difference, 0-1). The hash alone sees only
     brightness edges, so it groups an image with its colour variants (a red, a green and a purple
-    heart; testbed v3: 93 distinct clean images grouped, 35 with the thumbnail check); a re-encoded
-    or resized copy moves the thumbnail by less than 0.02 (testbed images: at most 0.012 resized to
-    64 px as JPEG q70, 0.019 as JPEG q85 at 32 px).
+    heart); re-encoding or resizing a copy moves its thumbnail by little (docs/ablation.md measures how much).
     Needs no monitor: duplicates are known from the data alone (the classic fix for global copies).
     """
     def compute():
@@ -137,8 +127,7 @@ def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: P
     shared at that place by at least ``min_count`` distinct images, 1 / (their number); 1 elsewhere.
     Each marked tile passes its weight on to the tiles within ``dilate`` of it: a copied region's
     edge tiles mix it with each image's own content and its flat inside is not compared (see
-    :func:`tile_signatures`), so the exact matches alone mark only its core (testbed v3: 49% of a
-    stamp's pixels; widened by one tile, 95%).
+    :func:`tile_signatures`), so the exact matches alone mark only its core.
 
     Local copies (a logo, a stamp, a watermark in a fixed place on many different images) are
     invisible to whole-image hashes; here the stamp of 30 images counts as one image's stamp.
@@ -170,25 +159,6 @@ def region_dedup_weights(table, image_column: str, resolution: int, cache_dir: P
                    compute)
 
 
-def data_weights(cfg: DictConfig, table, image_column: str, resolution: int, cache_dir: Path,
-                 root: Optional[Path] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The de-duplication weights ``mitigate.weights`` asks for, known from the data alone:
-    (per-row weights or None, per-row tile maps (rows, tiles, tiles) or None). With
-    ``region_scope: image`` the region maps fold into the row weights (a row weighs what its most
-    shared tile does) and no maps are returned."""
-    rows = regions = None
-    if cfg.dedup:
-        rows = torch.from_numpy(dedup_weights(table, image_column, cache_dir, root, cfg.dedup_max_distance))
-    if cfg.dedup_regions:
-        regions = torch.from_numpy(region_dedup_weights(table, image_column, resolution, cache_dir, root,
-                                                        cfg.region_tiles, cfg.region_min_count, cfg.region_dilate))
-        if cfg.region_scope == "image":
-            whole = regions.amin(dim=(1, 2))
-            rows = whole if rows is None else torch.minimum(rows, whole)
-            regions = None
-    return rows, regions
-
-
 def min_filter(maps: np.ndarray, radius: int) -> np.ndarray:
     """Each cell of (N, H, W) ``maps`` becomes the minimum of its (2 radius + 1)^2 neighbourhood."""
     if radius <= 0:
@@ -203,3 +173,110 @@ def loss_map(tile_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, tiles, tiles) region weights -> (B, 1, h, w) weights of each latent position (nearest:
     each tile covers the latent positions under it; exact when the latent side is a multiple)."""
     return torch.nn.functional.interpolate(tile_maps[:, None].float(), size=size, mode="nearest")
+
+
+@dataclass
+class DedupConfig:
+    images: bool = False  # whole-image groups: each row weighs 1 / (its duplicate group's size)
+    max_distance: float = bounded(0.02, ge=0.0, le=1.0)  # same hash and 8x8 colour thumbnails this close = duplicates
+    # how the row weights act: loss (each row's loss x its weight) | sampling (rows drawn in
+    # proportion, each epoch shorter; every batch slot then trains at full weight) | caption (a row
+    # keeps its caption with probability = its weight, else trains on the empty prompt at full
+    # weight: a repeat's pixels still train, its caption-image link ~once per epoch)
+    by: str = choice("loss", "sampling", "caption")
+    # regions (local copies: a stamp/logo in a fixed place on many images): a non-flat tile shared
+    # at one place by >= region_min_count distinct images weighs 1 / (their number)
+    regions: bool = False
+    region_tiles: int = bounded(8, ge=1)  # tiles per side of the training-resolution image
+    region_min_count: int = bounded(20, ge=2)
+    region_dilate: int = bounded(1, ge=0)  # marked tiles pass their weight on to neighbours this many tiles away
+    region_scope: str = choice("region", "image")  # region: weight the loss under the shared tiles | image: whole rows
+    # the weights act at timesteps >= min_t only: below it every image trains in full (the last,
+    # low-noise steps refine detail; what an image is is decided at higher noise)
+    min_t: int = bounded(0, ge=0)
+
+
+class Dedup(Mitigation):
+    name = "dedup"
+    Config = DedupConfig
+
+    @classmethod
+    def active(cls, cfg: DictConfig) -> bool:
+        return bool(cfg.images or cfg.regions)
+
+    @classmethod
+    def check(cls, cfg: DictConfig, run_cfg: DictConfig) -> Optional[str]:
+        if not cls.active(cfg):
+            return None
+        if run_cfg.data.source == "webdataset":
+            return "mitigate.dedup needs the whole data set up front; it is not available for webdataset streams"
+        if cfg.regions and run_cfg.data.resolution % cfg.region_tiles:
+            return (f"mitigate.dedup.region_tiles ({cfg.region_tiles}) must divide data.resolution "
+                    f"({run_cfg.data.resolution})")
+        if cfg.by != "loss" and not (cfg.images or cfg.region_scope == "image"):
+            return (f"mitigate.dedup.by={cfg.by} acts on row weights: set mitigate.dedup.images=true "
+                    "(or regions with region_scope=image)")
+        return None
+
+    def __init__(self, cfg: DictConfig, ctx: BuildContext):
+        super().__init__(cfg, ctx)
+        self.data, self.cache_dir = ctx.data, ctx.cache_dir
+        self.seed, self.caption_dropout = ctx.seed, ctx.caption_dropout
+        self.rows: Optional[torch.Tensor] = None  # per-row weights acting on the loss
+        self.keep_caption: Optional[torch.Tensor] = None  # per-row chance of keeping the caption
+        self.regions: Optional[torch.Tensor] = None  # (rows, tiles, tiles) loss weights
+
+    def prepare(self, table, root) -> Optional[torch.Tensor]:
+        """The weights from the data; with ``by: sampling`` they are returned as sampling weights."""
+        cfg, image_column = self.cfg, self.data.image_column
+        rows = None
+        if cfg.images:
+            rows = torch.from_numpy(dedup_weights(table, image_column, self.cache_dir, root, cfg.max_distance))
+        if cfg.regions:
+            regions = torch.from_numpy(region_dedup_weights(table, image_column, self.data.resolution, self.cache_dir,
+                                                            root, cfg.region_tiles, cfg.region_min_count,
+                                                            cfg.region_dilate))
+            if cfg.region_scope == "image":  # a row weighs what its most shared tile does
+                whole = regions.amin(dim=(1, 2))
+                rows = whole if rows is None else torch.minimum(rows, whole)
+            else:
+                self.regions = regions
+        if rows is None:
+            return None
+        if cfg.by == "sampling":  # rows drawn in proportion; every slot then trains at full weight
+            log.info("de-duplication by sampling: %d of %d rows per epoch", int(rows.sum()), len(table))
+            return rows
+        if cfg.by == "caption":
+            self.keep_caption = rows
+            log.info("de-duplication by caption: %d of %d rows keep their caption less often (%.0f captioned per "
+                     "epoch)", int((rows < 1).sum()), len(table), float(rows.sum()))
+        else:
+            self.rows = rows
+        return None
+
+    def captions(self, step: MitigationStep, captions: list[str]) -> list[str]:
+        """A row keeps its caption with probability ``keep``. The draw is the caption-dropout draw
+        of the loop (same seed), so a caption is empty below p + (1 - p)(1 - keep): exactly the
+        caption-dropout rate p where keep = 1, and one uniform number decides both."""
+        if self.keep_caption is None:
+            return captions
+        import random
+
+        p, batch = self.caption_dropout, step.batch
+        keep = self.keep_caption[batch["index"]].tolist()
+        return ["" if random.Random(seed_of(self.seed, "caption-dropout", batch["epoch"], sid)).random()
+                < p + (1 - p) * (1 - k) else text for text, sid, k in zip(captions, batch["sample_id"], keep)]
+
+    def _on(self, step: MitigationStep) -> torch.Tensor:
+        return (step.timesteps >= self.cfg.min_t).cpu()
+
+    def weights(self, step: MitigationStep) -> Optional[torch.Tensor]:
+        if self.rows is None:
+            return None
+        return torch.where(self._on(step), self.rows[step.batch["index"]].float(), 1.0)
+
+    def loss_map(self, step: MitigationStep, size: tuple[int, int]) -> Optional[torch.Tensor]:
+        if self.regions is None:
+            return None
+        maps = torch.where(self._on(step)[:, None, None], self.regions[step.batch["index"]], 1.0)
+        return loss_map(maps, size)

@@ -1,8 +1,12 @@
 """The memorization monitor as the training loop calls it: before and after the UNet forward.
 
-    monitor.before_forward(captions)                  # end-token index, prompt lengths, capture on
+    flagged, scores = monitor.flags(batch)             # the ledger as it stands, for mitigations
+    monitor.before_forward(captions)                   # end-token index, prompt lengths, capture on
     pred = unet(noisy, t, text_emb)
-    monitor.after_forward(accelerator, batch, ...)    # signals -> gather -> normalize -> ledger
+    monitor.after_forward(accelerator, StepRecord(...))  # signals -> gather -> normalize -> ledger
+
+Whatever else needs the captured attention (the attention regularizers, the eval hook) asks the
+monitor (``be_map``, ``token_distribution``, ``capture_with_grad``, ``pause``), never its capture.
 
 Signals come from the training forward (attention over tokens, the loss, and the bright ending
 when ``be_mode=drawn`` and the drawn t is small) and from cheap no-grad extra passes: a probe at a
@@ -14,6 +18,7 @@ ledger is identical everywhere without a broadcast.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +38,21 @@ log = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.safetensors"
 
 
+@dataclass
+class StepRecord:
+    """One micro-batch's training forward, as the monitor reads it (tensors are per sample)."""
+
+    batch: dict  # the data's batch (sample_id, index, ...)
+    step: int  # optimizer steps done so far
+    loss: torch.Tensor  # [B] the plain per-sample loss (before any mitigation weights)
+    pred: torch.Tensor  # the UNet's prediction
+    latents: torch.Tensor
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor  # [B]
+    text_emb: torch.Tensor
+
+
 class Monitor:
     def __init__(self, cfg: DictConfig, unet, tokenizer, text_encoder, noise_scheduler, *, num_samples: Optional[int],
                  table=None, id_column: str = "sample_id", caption_column: str = "text"):
@@ -50,8 +70,13 @@ class Monitor:
         self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming)
         self.table, self.id_column, self.caption_column = table, id_column, caption_column
         self.labels = None
-        if table is not None and cfg.label_column and cfg.label_column in table.column_names:
-            self.labels = np.asarray(table[cfg.label_column], dtype=object)
+        if cfg.label_column:  # ground truth only where the user names it
+            if table is None or cfg.label_column not in table.column_names:
+                log.warning("monitor.label_column=%s: the data has no such column; no detection metrics",
+                            cfg.label_column)
+            else:
+                self.labels = np.asarray(table[cfg.label_column], dtype=object)
+        self._log_lines = 0
         self.window_sum = np.zeros(len(self.signals))
         self.window_count = np.zeros(len(self.signals))
         self._empty_emb: Optional[torch.Tensor] = None
@@ -65,10 +90,25 @@ class Monitor:
         self._lengths = prompt_length(self.tokenizer, captions)
         self.capture.enabled = True
 
+    # what others may ask of the capture of the forward that just ran
+    def be_map(self) -> torch.Tensor:
+        return self.capture.be_map()
+
+    def token_distribution(self) -> torch.Tensor:
+        return self.capture.token_distribution()
+
+    def capture_with_grad(self) -> None:
+        """Keep the captured attention in the autograd graph (attention regularizers need it)."""
+        self.capture.with_grad = True
+
+    def pause(self) -> None:
+        """Stop recording until the next ``before_forward`` (sampling installs its own capture)."""
+        self.capture.enabled = False
+
     @torch.no_grad()
-    def after_forward(self, accelerator, batch: dict, loss_vec: torch.Tensor, pred: torch.Tensor,
-                      latents: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
-                      text_emb: torch.Tensor, step: int) -> None:
+    def after_forward(self, accelerator, rec: StepRecord) -> None:
+        batch, step, loss_vec, pred, timesteps = rec.batch, rec.step, rec.loss, rec.pred, rec.timesteps
+        latents, noise, noisy, text_emb = rec.latents, rec.noise, rec.noisy, rec.text_emb
         cfg, device, B = self.cfg, loss_vec.device, loss_vec.shape[0]
         values: dict[str, torch.Tensor] = {**loss_signal(loss_vec), **token_signals(self.capture.token_distribution())}
         t_of = {name: timesteps for name in self.signals}
@@ -152,7 +192,10 @@ class Monitor:
                 out[f"memo/{name}"] = float(self.window_sum[j] / self.window_count[j])
         self.window_sum[:] = 0
         self.window_count[:] = 0
-        out.update(self.detection())
+        # every detection_every-th log line: a full AUC pass sorts the whole ledger
+        if self._log_lines % self.cfg.detection_every == 0:
+            out.update(self.detection())
+        self._log_lines += 1
         return out
 
     def detection(self) -> dict[str, float]:

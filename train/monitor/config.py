@@ -1,0 +1,54 @@
+"""The ``monitor`` section of the run config: which signals, where they are read, how rows are flagged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from train.util import bounded, choice
+
+
+@dataclass
+class FlagConfig:
+    policy: str = choice("zscore", "quantile", "absolute")  # see train/monitor/ledger.py
+    min_obs: int = bounded(2, ge=1)
+    # named raise_at/clear_at, not on/off: YAML reads a bare `on:` key as the boolean true
+    raise_at: float = 3.0  # flag when the score (zscore: its z; absolute: itself) reaches this
+    clear_at: float = 2.0  # ... and keep the flag until it falls below this (hysteresis)
+    quantile: float = bounded(0.02, gt=0.0, lt=1.0)
+    quantile_off: float = bounded(0.04, gt=0.0, lt=1.0)
+
+
+@dataclass
+class MonitorConfig:
+    """Per-sample memorization signals on every batch, a ledger, and flags (train/monitor)."""
+
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: [
+        "be_mass", "be_topk", "be_entropy", "token_entropy", "start_mass", "loss", "magnitude", "be_magnitude"])
+    signal_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
+    be_layers: Optional[list[str]] = None  # None: the highest-resolution cross-attention of the down path
+    # Attention over tokens from the down path and the mid block (every attn2 layer, as Ren et al.,
+    # costs about twice as much: tests/bench/bench_monitor.py measures both).
+    token_layers: Optional[list[str]] = field(default_factory=lambda: ["down_blocks", "mid_block"])
+    # drawn: the BE read from samples whose drawn t < be_max_t (free) | probe: a no-grad pass at
+    # t=probe_t every probe_every steps (README "Monitor" compares their cost and flags)
+    be_mode: str = choice("drawn", "probe")
+    be_max_t: int = bounded(100, ge=1)
+    probe_t: int = bounded(20, ge=0)
+    probe_every: int = bounded(10, ge=1)
+    probe_samples: int = bounded(0, ge=0)  # per rank; 0 = the whole micro-batch
+    magnitude_every: int = bounded(10, ge=0)  # 0 = never; the extra empty-prompt pass
+    magnitude_samples: int = bounded(0, ge=0)  # per rank; 0 = the whole micro-batch
+    topk_frac: float = bounded(0.1, gt=0.0, le=1.0)
+    t_bins: int = bounded(10, ge=1)
+    length_edges: list[int] = field(default_factory=lambda: [4, 8, 12, 16, 24, 32, 48, 64])
+    stats_horizon: int = bounded(2000, ge=1)
+    stats_warmup: int = bounded(8, ge=0)
+    flag: FlagConfig = field(default_factory=FlagConfig)
+    # ground truth, when the user names a column of the data that holds it (e.g. "group"): running
+    # detection AUCs per kind against the rows labelled negative_label, every detection_every log lines
+    label_column: Optional[str] = None
+    negative_label: str = "clean"
+    detection_every: int = bounded(10, ge=1)
+    table_size: int = bounded(16, ge=0)  # rows of the W&B table of top flagged samples
