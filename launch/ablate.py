@@ -5,7 +5,7 @@
 [--collect-only]``
 
 ``--mode subprocess`` (default) starts every training with the grid's launcher and every evaluation
-as ``python -m data.testbed.evaluate``, logging to ``<run>/train.log`` / ``eval.log``;
+as ``python -m launch.testbed.evaluate``, logging to ``<run>/train.log`` / ``eval.log``;
 ``--mode inprocess`` runs both in this process, one after the other (one process, no launcher:
 tests, a laptop).
 
@@ -23,7 +23,7 @@ A grid file::
       rc_flagged: [configs/mitigation/captions_rc.yaml, mitigate.captions.target=flagged]
     seeds: [0, 1, 2]                   # each run gets seed=<k>
     evaluate:                          # optional: how to score a finished run's final/ pipeline
-      testbed: {seeds: 4, steps: 25}   # options of python -m data.testbed.evaluate (its flags, no dashes)
+      testbed: {seeds: 4, steps: 25}   # options of python -m launch.testbed.evaluate (its flags, no dashes)
                                        # and draws: N (N evaluations with --seed 0..N-1, averaged;
                                        # further eval-seed<k>/ folders in a run dir count too)
 
@@ -190,8 +190,8 @@ def resolve_file(path: str) -> Optional[Path]:
 
 
 def _evaluate_options() -> set[str]:
-    """The option names of ``python -m data.testbed.evaluate`` (read from its --help)."""
-    from data.testbed import evaluate as testbed_evaluate
+    """The option names of ``python -m launch.testbed.evaluate`` (read from its --help)."""
+    from launch.testbed import evaluate as testbed_evaluate
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
@@ -222,7 +222,7 @@ def _parse_evaluate(node: Any) -> dict[str, dict]:
 
                 close = difflib.get_close_matches(key_, sorted(known - {"model", "out"}), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise GridError(f"evaluate.{kind}: unknown option '{key}' of python -m data.testbed.evaluate{hint}")
+                raise GridError(f"evaluate.{kind}: unknown option '{key}' of python -m launch.testbed.evaluate{hint}")
         out[kind] = {str(k).replace("-", "_"): v for k, v in options.items()}
     return out
 
@@ -520,15 +520,15 @@ def evaluate(run: Run, grid: Grid, mode: str) -> None:
             continue
         args = evaluate_args(run, grid.evaluate["testbed"], draw)
         if mode == "inprocess":
-            from data.testbed.evaluate import main as testbed_evaluate
+            from launch.testbed.evaluate import main as testbed_evaluate
 
-            log.info("evaluating %s in-process: python -m data.testbed.evaluate %s", run.name, shlex.join(args))
+            log.info("evaluating %s in-process: python -m launch.testbed.evaluate %s", run.name, shlex.join(args))
             with _environment({}), contextlib.redirect_stdout(io.StringIO()):
                 code = testbed_evaluate(args)
             if code:
-                raise RuntimeError(f"data.testbed.evaluate returned {code}")
+                raise RuntimeError(f"launch.testbed.evaluate returned {code}")
         else:
-            _run_logged([sys.executable, "-m", "data.testbed.evaluate", *args],
+            _run_logged([sys.executable, "-m", "launch.testbed.evaluate", *args],
                         run.dir / f"{eval_dir(run.dir, draw).name}.log", {})
 
 

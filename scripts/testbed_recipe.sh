@@ -11,9 +11,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLIN
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/testbed}
 T=configs/testbed
-time $PY -m data.testbed.fit_vae --config $T/common.yaml --out $RUNS/tiny-ae --steps 1000 --bpe-merges 2000 "$@"
+time $PY -m launch.testbed.fit_vae --config $T/common.yaml --out $RUNS/tiny-ae --steps 1000 --bpe-merges 2000 "$@"
 time $PY train/finetune.py --config $T/common.yaml --config $T/pretrain.yaml \
   output_dir=$RUNS/base model.pretrained=$RUNS/tiny-ae "$@"
 time $PY train/finetune.py --config $T/common.yaml --config $T/finetune.yaml \
   output_dir=$RUNS/finetune model.pretrained=$RUNS/base/final "$@"
-$PY -m data.testbed.evaluate --model $RUNS/finetune/final --out $RUNS/eval-finetune
+$PY -m launch.testbed.evaluate --model $RUNS/finetune/final --out $RUNS/eval-finetune

@@ -3,9 +3,7 @@ tables, and resume on real tiny runs (the smoke grid: 2 variants x 1 seed, 6 ste
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import math
 import shlex
 from pathlib import Path
@@ -14,9 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-spec = importlib.util.spec_from_file_location("ablate", REPO / "launch" / "ablate.py")
-ablate = sys.modules.setdefault("ablate", importlib.util.module_from_spec(spec))  # launch/ is no package
-spec.loader.exec_module(ablate)
+from launch import ablate  # conftest puts the repo root on the path
 
 SMOKE = REPO / "configs" / "ablation" / "smoke.yaml"
 TESTBED = REPO / "configs" / "ablation" / "testbed.yaml"

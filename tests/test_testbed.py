@@ -40,7 +40,7 @@ from train.evaluate.measures import (  # noqa: E402
     trivial_iou,
 )
 from data.testbed.captions import balanced_offsets  # noqa: E402
-from data.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images  # noqa: E402
+from launch.testbed.reading import load_image, load_mask, read_manifest, read_rows, training_images  # noqa: E402
 
 TINY = dict(n_clean=24, n_heldout=8, n_global=3, global_repeats=4, n_local_groups=2, local_per_group=4)
 GROUPS = ("clean", "heldout", "global", "local")
@@ -455,7 +455,7 @@ def test_kept_base_model_loads_and_follows_the_prompt():
 
     import torch
 
-    from data.testbed.evaluate import load_pipeline
+    from launch.testbed.evaluate import load_pipeline
 
     repo = Path(__file__).resolve().parents[1]
     base = repo / OmegaConf.load(repo / "configs/testbed/finetune.yaml").model.pretrained

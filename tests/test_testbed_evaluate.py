@@ -1,4 +1,4 @@
-"""data.testbed.evaluate: the scoring on hand-made "generations", and the CLI end to end on a 2-step run."""
+"""launch.testbed.evaluate: the scoring on hand-made "generations", and the CLI end to end on a 2-step run."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data.testbed import build_testbed  # noqa: E402
-from data.testbed.evaluate import main, picture_grid, score, select_prompts  # noqa: E402
-from data.testbed.reading import load_image, load_mask, read_rows  # noqa: E402
+from launch.testbed.evaluate import main, picture_grid, score, select_prompts  # noqa: E402
+from launch.testbed.reading import load_image, load_mask, read_rows  # noqa: E402
 
 TINY = dict(n_clean=24, n_heldout=8, n_global=3, global_repeats=4, n_local_groups=2, local_per_group=4)
 
@@ -143,8 +143,8 @@ def test_prompts_that_copy_a_planted_image_do_not_lower_the_threshold(testbed):
 def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
     """Exact global images count as copies (a clean training image does not: it is no planted
     copy); a noise image carrying a stamp shows that stamp."""
-    from data.testbed.evaluate import score_unprompted
-    from data.testbed.reading import stamps, training_images
+    from launch.testbed.evaluate import score_unprompted
+    from launch.testbed.reading import stamps, training_images
 
     train = training_images(testbed)
     groups = np.asarray(train.groups)
@@ -164,8 +164,8 @@ def test_unprompted_copies_are_counted_with_the_evaluation_thresholds(testbed):
 
 
 def test_unprompted_copies_on_a_testbed_without_stamps(tmp_path):
-    from data.testbed.evaluate import score_unprompted
-    from data.testbed.reading import training_images
+    from launch.testbed.evaluate import score_unprompted
+    from launch.testbed.reading import training_images
 
     root = build_testbed(tmp_path / "tb", resolution=16, seed=0, **(TINY | {"n_local_groups": 0}))
     planted = training_images(root)
@@ -195,7 +195,7 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     assert len(result["generations"]) == 2 * (TINY["n_global"] + TINY["n_local_groups"] + 6 + 4)
 
     # the quality split by the run's own de-duplication weights: every global repeat is touched
-    from data.testbed.by_weight import split_scores, touched_samples
+    from launch.testbed.by_weight import split_scores, touched_samples
 
     touched, root = touched_samples(run)
     rows = read_rows(root, split="train")
@@ -206,21 +206,21 @@ def test_cli_on_a_two_step_run(tmp_path, cache_dir):
     assert all(np.isfinite(s["kid"]) for s in splits.values() if s["draws"])
 
     # the KID breakdown: its whole KID is the evaluator's; the held-out images are ~2/3 flat fill
-    from data.testbed.kid_blocks import block_scores
+    from launch.testbed.kid_blocks import block_scores
 
     blocks = block_scores(run)  # finds run/eval/eval.json
     assert blocks["kid"] == pytest.approx(result["quality"]["kid_clean_generations_vs_heldout"], rel=1e-4)
     assert blocks["draws"] == 1 and 0.3 < blocks["heldout_flat"] < 0.95 and 0.0 <= blocks["flat"] <= 1.0
 
     # empty-prompt generations, scored with the run's evaluation thresholds
-    from data.testbed.unprompted import main as unprompted
+    from launch.testbed.unprompted import main as unprompted
 
     assert unprompted(["--runs", str(run), "--images", "3", "--steps", "2", "--out", str(tmp_path / "u.md")]) == 0
     table = (tmp_path / "u.md").read_text().splitlines()
     assert len(table) == 3 and table[2].startswith(f"| `{run}` | 3 |")
 
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
-    from data.testbed.evaluate import heldout_loss, load_pipeline
+    from launch.testbed.evaluate import heldout_loss, load_pipeline
 
     pipe = load_pipeline(run / "final")
     first = heldout_loss(pipe, result["testbed"])
@@ -249,7 +249,7 @@ def test_detection_table_reports_signals_and_baselines(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data.testbed.detection import detection_table, markdown
+    from launch.testbed.detection import detection_table, markdown
     from train.models import byte_level_tokenizer
 
     run = tmp_path / "run"

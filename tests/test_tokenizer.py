@@ -80,8 +80,8 @@ def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch, caps
     encoder sized for it."""
     from omegaconf import OmegaConf
 
-    from data.testbed import fit_vae
-    from data.testbed.reading import read_rows
+    from launch.testbed import fit_vae
+    from launch.testbed.reading import read_rows
     from train.models import load_components
 
     out = tmp_path / "tiny-ae"

@@ -21,7 +21,7 @@ How rows are represented (what a trainer's per-sample ledger sees):
 * **heldout** rows live in the same ``metadata.jsonl`` with ``group == split == "heldout"``;
   a trainer must keep only ``split == "train"``. They are never planted and never trained.
 * ``mask_file`` is null for clean, held-out and global rows. A global copy's memorized region is
-  the whole image, so use an all-ones mask for it (:func:`data.testbed.reading.load_mask` does).
+  the whole image, so use an all-ones mask for it (:func:`launch.testbed.reading.load_mask` does).
 
 Every image in the build (stamps' source emoji excluded) is at least ``min_distance`` (pixel
 RMSE) from every other and from a blank canvas, and near-duplicate OpenMoji variants (skin tones,

@@ -1,7 +1,7 @@
 """Where a mitigation's quality cost sits: clean prompts whose training image it down-weighted
 (its collateral) vs the clean prompts it left alone.
 
-``python -m data.testbed.by_weight --split-by RUN --runs RUN [RUN ...] [--out table.md]``
+``python -m launch.testbed.by_weight --split-by RUN --runs RUN [RUN ...] [--out table.md]``
 
 The split comes from ``--split-by``'s own config: the de-duplication weights its trainer used
 (:func:`train.mitigate.weights.data_weights`: whole-image and region de-duplication, computed from
@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from train.evaluate.measures import image_kid
-from data.testbed.reading import emit_table, evaluation_draws, heldout_images
+from launch.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 
 def touched_samples(run: str | Path) -> tuple[set[str], Path]:
@@ -67,7 +67,7 @@ def split_scores(run: str | Path, touched: set[str], root: Path) -> dict[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.testbed.by_weight", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.by_weight", description=__doc__.split("\n\n")[0])
     p.add_argument("--split-by", required=True, help="a run whose de-duplication weights define the split")
     p.add_argument("--runs", nargs="+", required=True, help="evaluated runs to score per split")
     p.add_argument("--out", help="also write the markdown table here")

@@ -1,6 +1,6 @@
 """How well a run's ledger separates planted samples from clean ones, next to the two baselines.
 
-``python -m data.testbed.detection --run RUN [--epoch0 RUN0] [--out table.md]``
+``python -m launch.testbed.detection --run RUN [--epoch0 RUN0] [--out table.md]``
 
 For each memorization kind (global, local) vs clean: AUC and TPR@1%FPR of the combined ledger
 score and of every signal's running mean, and beside them

@@ -1,6 +1,6 @@
 """Score a trained model on the testbed: how many planted prompts give replicas, and at what quality.
 
-``python -m data.testbed.evaluate --model RUN/final [--testbed DIR] --out OUT [--seeds 4] [--steps 25] [--guidance 3]``
+``python -m launch.testbed.evaluate --model RUN/final [--testbed DIR] --out OUT [--seeds 4] [--steps 25] [--guidance 3]``
 
 1. Prompts: every distinct global prompt, ``--local-per-group`` local rows per local group,
    ``--clean`` clean rows (scored like the planted prompts) and ``--calibration`` *held-out*
@@ -49,7 +49,7 @@ import numpy as np
 
 from train.evaluate.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
                                    pixel_distance, replica_flags)
-from data.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
+from launch.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
                                   training_images)
 
 GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
@@ -479,7 +479,7 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.testbed.evaluate", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="a diffusers pipeline folder, e.g. RUN/final")
     p.add_argument("--testbed", default=None, help="the testbed folder (default: the one RUN/config.yaml trained on)")

@@ -10,7 +10,7 @@ for a CLIP tokenizer with N BPE merges learned on the training captions, and siz
 encoder for it: real SD ships a word-level vocabulary too, and the tiny text encoder tells prompts
 apart far better with whole words (docs/testbed.md).
 
-usage: python -m data.testbed.fit_vae --config configs/testbed/common.yaml --out runs/testbed/tiny-ae [--steps 1000] [--bpe-merges 2000]
+usage: python -m launch.testbed.fit_vae --config configs/testbed/common.yaml --out runs/testbed/tiny-ae [--steps 1000] [--bpe-merges 2000]
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ import torch
 from train.config import load_config
 from train.models import caption_bpe_tokenizer, ensure_tiny, tiny_text_encoder
 from data.datasets import resolve_source
-from data.testbed.reading import load_image, read_rows
+from launch.testbed.reading import load_image, read_rows
 
 
 def main():

@@ -1,6 +1,6 @@
 """What a KID gap between runs is made of.
 
-``python -m data.testbed.kid_blocks --runs RUN [RUN ...] [--out table.md]``
+``python -m launch.testbed.kid_blocks --runs RUN [RUN ...] [--out table.md]``
 
 KID with the fixed extractor (:class:`train.evaluate.measures.PixelFeatures`) sums three blocks of
 features; here each block scores alone (KID of the clean-prompt generations vs the held-out images
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from train.evaluate.measures import PixelFeatures, flat_fraction, kernel_distance
-from data.testbed.reading import emit_table, evaluation_draws, heldout_images
+from launch.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 BLOCKS = ("layout", "colour", "sharpness")
 
@@ -46,7 +46,7 @@ def block_scores(run: str | Path, extractor: PixelFeatures | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.testbed.kid_blocks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.kid_blocks", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="evaluated runs (folders with eval*/eval.json)")
     p.add_argument("--out", help="also write the markdown table here")
     a = p.parse_args(argv)

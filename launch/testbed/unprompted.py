@@ -1,14 +1,14 @@
 """Copies a model draws without being prompted for them, for runs evaluated without them.
 
-``python -m data.testbed.unprompted --runs RUN [RUN ...] [--images 256] [--steps 25] [--out table.md]``
+``python -m launch.testbed.unprompted --runs RUN [RUN ...] [--images 256] [--steps 25] [--out table.md]``
 
-The replica rates of :mod:`data.testbed.evaluate` ask for each copy by its own caption. A
+The replica rates of :mod:`launch.testbed.evaluate` ask for each copy by its own caption. A
 mitigation that only weakens the link between a caption and its image (``mitigate.weights.
 dedup_by: caption`` trains the copies mostly on the empty prompt) can leave the model drawing the
 copies anyway, unasked. ``evaluate`` scores that itself (``--unprompted``, the ``unprompted``
 section of ``eval.json``); this tool does the same for runs evaluated before: ``--images``
 empty-prompt generations without guidance from each run's ``final/`` pipeline, scored by
-:func:`data.testbed.evaluate.score_unprompted` with the thresholds of the run's first evaluation
+:func:`launch.testbed.evaluate.score_unprompted` with the thresholds of the run's first evaluation
 draw (``eval/eval.json``).
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from data.testbed.evaluate import generate, load_pipeline, score_unprompted
-from data.testbed.reading import emit_table, evaluation_draws, training_images
+from launch.testbed.evaluate import generate, load_pipeline, score_unprompted
+from launch.testbed.reading import emit_table, evaluation_draws, training_images
 
 
 def unprompted(run: str | Path, images: int = 256, steps: int = 25, seed: int = 0, batch: int = 64) -> dict:
@@ -32,7 +32,7 @@ def unprompted(run: str | Path, images: int = 256, steps: int = 25, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.testbed.unprompted", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.unprompted", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="evaluated runs (RUN/final and RUN/eval/eval.json)")
     p.add_argument("--images", type=int, default=256, help="empty-prompt generations per run")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
