@@ -39,18 +39,50 @@ def test_later_files_and_overrides_win(tmp_path):
     (["data.resolution=30"], r"multiple of 8"),
     (["validation.every=5", "validation.prompts=[]"], r"validation\.prompts"),
     (["train.mixed_precision=fp8"], r"mixed_precision"),
-    (["mitigate.weights.dedup_regions=true", "mitigate.weights.region_tiles=5"], r"region_tiles must divide"),
-    (["mitigate.weights.region_scope=pixels"], r"region_scope must be region or image"),
-    (["mitigate.weights.region_dilate=-1"], r"region_dilate must be >= 0"),
-    (["mitigate.weights.dedup_max_distance=1.5"], r"dedup_max_distance must be in \[0, 1\]"),
-    (["mitigate.weights.dedup_by=sample"], r"dedup_by must be loss, sampling or caption"),
-    (["mitigate.weights.dedup_min_t=-1"], r"dedup_min_t must be >= 0"),
-    (["mitigate.weights.dedup_by=sampling"], r"dedup_by=sampling acts on row weights"),
+    (["mitigate.dedup.regions=true", "mitigate.dedup.region_tiles=5"], r"region_tiles \(5\) must divide"),
+    (["mitigate.dedup.region_scope=pixels"], r"region_scope='pixels' is not allowed; choose one of 'region', 'image'"),
+    (["mitigate.dedup.region_dilate=-1"], r"region_dilate=-1 is out of range: must be >= 0"),
+    (["mitigate.dedup.max_distance=1.5"], r"max_distance=1.5 is out of range: must be >= 0.0 and <= 1.0"),
+    (["mitigate.dedup.by=sample"], r"dedup.by='sample' is not allowed; choose one of 'loss', 'sampling', 'caption'"),
+    (["mitigate.dedup.min_t=-1"], r"min_t=-1 is out of range"),
+    (["mitigate.dedup.by=sampling"], r"dedup.by=sampling acts on row weights"),
+    (["mitigate.weights.mode=drop", "monitor.enabled=false"], r"mitigate.weights acts on the monitor's flags"),
+    # numbers that torch would only reject later, or never (issue 20)
+    (["train.lr=nan"], r"train\.lr=nan must be a finite number"),
+    (["train.lr=inf"], r"train\.lr=inf must be a finite number"),
+    (["train.adam_beta1=5"], r"train\.adam_beta1=5.0 is out of range: must be >= 0.0 and < 1.0"),
+    (["data.num_workers=-1"], r"data\.num_workers=-1 is out of range: must be >= 0"),
+    (["train.lr_warmup_steps=-10"], r"train\.lr_warmup_steps=-10 is out of range"),
+    (["train.ema_decay=2"], r"train\.ema_decay=2.0 is out of range: must be >= 0.0 and <= 1.0"),
+    (["mitigate.weights.factor=-3"], r"mitigate\.weights\.factor=-3.0 is out of range"),
+    (["train.max_grad_norm=nan"], r"train\.max_grad_norm=nan must be a finite number"),
+    (["data.on_bad_sample=ignore"], r"data\.on_bad_sample='ignore' is not allowed; choose one of 'skip', 'error'"),
+    (["train.resume=latest", "overwrite=true"], r"overwrite=true moves it aside"),
     (["trainlr=1"], r"not of the form|unknown config key 'trainlr'"),
 ])
 def test_incompatible_or_bad_settings_fail_at_start(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_a_section_given_as_a_plain_value_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=r"config key 'train' in .*bad\.yaml is a section: give it as a mapping"):
+        load_config([str(bad)])
+
+
+def test_credentials_inside_values_are_redacted(tmp_path):
+    """Not only secret-named keys: a token inside a URL or a shard command is redacted too."""
+    cfg = OmegaConf.create({"data": {"path": "pipe:curl -s -H 'Authorization: Bearer hf_SECRET1' https://x/{0..3}.tar",
+                                     "other": "https://alice:SECRET2@host.example/data?X-Amz-Signature=SECRET3&a=1",
+                                     "cmd": "HF_TOKEN=SECRET4 aws s3 cp s3://b/x - --token SECRET5",
+                                     "plain": "https://host.example/data/{000..009}.tar"}})
+    save_config(cfg, tmp_path / "c.yaml")
+    text = (tmp_path / "c.yaml").read_text()
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5"):
+        assert secret not in text
+    assert "https://host.example/data/{000..009}.tar" in text and "a=1" in text and "alice" in text
 
 
 def test_saved_config_has_no_secrets(tmp_path):

@@ -10,21 +10,28 @@ import torch
 from conftest import fast_overrides, make_imagefolder, read_metrics, run_on_two_ranks
 from omegaconf import OmegaConf
 
-from train.config import CaptionMitigationConfig, WeightMitigationConfig
-from train.mitigate.captions import CaptionPerturber
-from train.mitigate.weights import dedup_weights, flag_weights, loss_map, region_dedup_weights
+from train.mitigate import BuildContext, MitigationStep
+from train.mitigate.base import targets
+from train.mitigate.captions import CaptionPerturbation, CaptionsConfig
+from train.mitigate.dedup import Dedup, DedupConfig, dedup_weights, loss_map, region_dedup_weights
+from train.mitigate.flags import FlagWeightsConfig, flag_weights
 from train.models import byte_level_tokenizer
 
 CAPTION = "a small red circle on a blue background"
 
 
-def perturber(**kw) -> CaptionPerturber:
-    cfg = OmegaConf.structured(CaptionMitigationConfig)
+def context(**kw) -> BuildContext:
+    return BuildContext(**{"seed": 0, "tokenizer": byte_level_tokenizer(), "monitor": None, "caption_dropout": 0.0,
+                           "data": None, "cache_dir": "", **kw})
+
+
+def perturber(**kw) -> CaptionPerturbation:
+    cfg = OmegaConf.structured(CaptionsConfig)
     cfg.merge_with(kw)
-    return CaptionPerturber(cfg, byte_level_tokenizer(), seed=0)
+    return CaptionPerturbation(cfg, context())
 
 
-def run(p: CaptionPerturber, n: int, step: int = 0, alternates=None) -> list[str]:
+def run(p: CaptionPerturbation, n: int, step: int = 0, alternates=None) -> list[str]:
     ids = [f"s{i}" for i in range(n)]
     return p([CAPTION] * n, [alternates or [CAPTION]] * n, ids, step, torch.ones(n, dtype=torch.bool))
 
@@ -81,13 +88,22 @@ def test_perturbation_is_a_function_of_seed_step_and_sample():
     assert untouched[1] == untouched[3] == CAPTION
 
 
+def step_at(step: int, flags: torch.Tensor, **batch) -> MitigationStep:
+    return MitigationStep(batch, step, step, flags, None, torch.zeros(len(flags), dtype=torch.long))
+
+
 def test_flagged_target_and_start_step():
     p = perturber(target="flagged", start_step=10, replace_p=1.0)
     flags = torch.tensor([True, False])
-    assert p.applies(5, flags).tolist() == [False, False]
-    assert p.applies(10, flags).tolist() == [True, False]
-    assert perturber(replace_p=1.0).applies(0, flags).tolist() == [True, True]
-    assert perturber().applies(0, flags).tolist() == [False, False]  # nothing configured: nothing perturbed
+    assert targets(p.cfg, step_at(5, flags)).tolist() == [False, False]
+    assert targets(p.cfg, step_at(10, flags)).tolist() == [True, False]
+    assert targets(perturber(replace_p=1.0).cfg, step_at(0, flags)).tolist() == [True, True]
+    # nothing configured: the mitigation is not active, so the loop never builds it
+    assert not CaptionPerturbation.active(perturber().cfg) and CaptionPerturbation.active(perturber(shuffle_p=0.5).cfg)
+    # through the component's hook: only the flagged sample's caption changes, and the share is logged
+    out = p.captions(step_at(10, flags, captions=[[CAPTION]] * 2, sample_id=["a", "b"]), [CAPTION] * 2)
+    assert out[0] != CAPTION and out[1] == CAPTION
+    assert p.metrics() == {"mitig/perturbed_share": (1, 2)}
 
 
 def test_embedding_noise_has_the_configured_scale_on_masked_samples_only():
@@ -102,7 +118,7 @@ def test_embedding_noise_has_the_configured_scale_on_masked_samples_only():
 
 
 def test_flag_weights_modes():
-    cfg = OmegaConf.structured(WeightMitigationConfig)
+    cfg = OmegaConf.structured(FlagWeightsConfig)
     flags, scores = torch.tensor([True, False, True]), torch.tensor([3.0, 0.0, float("nan")])
     cfg.mode = "drop"
     assert flag_weights(cfg, flags, scores, 0).tolist() == [0.0, 1.0, 0.0]
@@ -139,7 +155,7 @@ def test_dedup_weights_keep_colour_variants_apart(tmp_path):
     import datasets
     from PIL import Image
 
-    from train.mitigate.weights import dhash
+    from train.mitigate.dedup import dhash
 
     folder = make_imagefolder(tmp_path / "d", n=3)
     assert len({dhash(Image.open(folder / "img" / f"{i}.png")) for i in range(3)}) == 1
@@ -196,7 +212,7 @@ def test_region_dedup_finds_a_shared_stamp_on_different_images(tmp_path):
 
 
 def test_min_filter_widens_low_weights_by_the_radius():
-    from train.mitigate.weights import min_filter
+    from train.mitigate.dedup import min_filter
 
     maps = np.ones((1, 5, 5))
     maps[0, 2, 2] = 0.1
@@ -239,28 +255,28 @@ def test_trainer_applies_both_dedup_weights(tmp_path, cache_dir, scope, min_t, e
     folder = stamped_folder(tmp_path / "d")
     run = main(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 1,
-        "mitigate.weights.dedup": "true", "mitigate.weights.dedup_regions": "true",
-        "mitigate.weights.region_tiles": 4, "mitigate.weights.region_min_count": 3,
-        "mitigate.weights.region_scope": scope, "mitigate.weights.dedup_min_t": min_t}))
+        "mitigate.dedup.images": "true", "mitigate.dedup.regions": "true",
+        "mitigate.dedup.region_tiles": 4, "mitigate.dedup.region_min_count": 3,
+        "mitigate.dedup.region_scope": scope, "mitigate.dedup.min_t": min_t}))
     weights = [r["mitig/mean_weight"] for r in read_metrics(run) if "mitig/mean_weight" in r]
     assert weights == [pytest.approx(expected, rel=1e-5)]
 
 
 def test_trainer_can_deduplicate_by_sampling(tmp_path, cache_dir):
-    """dedup_by=sampling: the 4 repeats count as one row of a 10-row epoch (2 batches of 4 instead
+    """by=sampling: the 4 repeats count as one row of a 10-row epoch (2 batches of 4 instead
     of 3 of the 13 rows), and every slot trains at full weight."""
     from train.finetune import main
 
     folder = stamped_folder(tmp_path / "d")
     run = main(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 4, "train.max_steps": 2,
-        "logging.every": 2, "mitigate.weights.dedup": "true", "mitigate.weights.dedup_by": "sampling"}))
+        "logging.every": 2, "mitigate.dedup.images": "true", "mitigate.dedup.by": "sampling"}))
     last = [r for r in read_metrics(run) if "mitig/mean_weight" in r][-1]
     assert last["mitig/mean_weight"] == 1.0 and last["train/epoch"] == 1.0
 
 
 def test_trainer_can_deduplicate_by_caption(tmp_path, cache_dir, monkeypatch):
-    """dedup_by=caption: the 4 repeats (weight 1/4) keep their caption about once in 4 draws and
+    """by=caption: the 4 repeats (weight 1/4) keep their caption about once in 4 draws and
     train on the empty prompt otherwise; every other row keeps its caption; all at full weight."""
     import train.finetune as finetune
 
@@ -272,7 +288,7 @@ def test_trainer_can_deduplicate_by_caption(tmp_path, cache_dir, monkeypatch):
     run = finetune.main(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13, "train.max_steps": 6,
         "logging.every": 6, "monitor.enabled": "false", "train.caption_dropout": 0.0,
-        "mitigate.weights.dedup": "true", "mitigate.weights.dedup_by": "caption"}))
+        "mitigate.dedup.images": "true", "mitigate.dedup.by": "caption"}))
     captions = [c for batch in seen for c in batch]
     assert len(captions) == 6 * 13  # one epoch of 13 rows per step
     # every other row keeps its caption in all 6 epochs; only the repeats lose theirs
@@ -285,14 +301,23 @@ def test_trainer_can_deduplicate_by_caption(tmp_path, cache_dir, monkeypatch):
 
 
 def test_caption_keep_probability_scales_the_dropout():
+    """De-duplication by caption reuses the loop's caption-dropout draw: keep 1 is plain dropout,
+    draw for draw, and a row keeps its caption with probability (1 - dropout) x keep."""
     from train.finetune import captions_for_batch
 
     n = 4000
-    batch = {"text": ["a caption"] * n, "sample_id": [f"id-{i}" for i in range(n)], "epoch": 3}
+    batch = {"text": ["a caption"] * n, "sample_id": [f"id-{i}" for i in range(n)], "epoch": 3,
+             "index": torch.arange(n)}
     plain = captions_for_batch(batch, 0, 0.1)
-    assert captions_for_batch(batch, 0, 0.1, torch.ones(n)) == plain  # keep 1 = plain dropout, draw for draw
+
+    def with_keep(keep: float) -> list[str]:
+        dedup = Dedup(OmegaConf.structured(DedupConfig(images=True, by="caption")), context(caption_dropout=0.1))
+        dedup.keep_caption = torch.full((n,), keep)
+        return dedup.captions(step_at(0, torch.zeros(n, dtype=torch.bool), **batch), plain)
+
+    assert with_keep(1.0) == plain
     for keep in (0.0, 0.25):
-        kept = sum(c != "" for c in captions_for_batch(batch, 0, 0.1, torch.full((n,), keep))) / n
+        kept = sum(c != "" for c in with_keep(keep)) / n
         assert kept == pytest.approx(0.9 * keep, abs=0.02)
     assert sum(c != "" for c in plain) / n == pytest.approx(0.9, abs=0.02)
 
@@ -345,8 +370,7 @@ def test_a_rank_that_drops_every_sample_does_not_hang_ddp():
 def test_regularizer_gradient_reaches_attention_weights():
     from diffusers import UNet2DConditionModel
 
-    from train.config import RegularizeMitigationConfig
-    from train.mitigate.regularize import attention_penalties
+    from train.mitigate.regularize import RegularizeConfig, attention_penalties
     from train.monitor import AttentionCapture
 
     torch.manual_seed(0)
@@ -356,9 +380,9 @@ def test_regularizer_gradient_reaches_attention_weights():
     capture = AttentionCapture(unet, with_grad=True).install()
     capture.set_end_token_index(torch.tensor([5, 9]))
     unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 20]), torch.randn(2, 77, 32))
-    cfg = OmegaConf.structured(RegularizeMitigationConfig)
+    cfg = OmegaConf.structured(RegularizeConfig)
     cfg.merge_with({"be_mass": 1.0, "entropy": 1.0, "start_token": 1.0})
-    terms = attention_penalties(cfg, capture, torch.tensor([10, 20]))
+    terms = attention_penalties(cfg, capture, torch.tensor([10, 20]))  # the capture answers as the monitor does
     assert set(terms) == {"be_mass", "entropy", "start_token"}
     terms["be_mass"].sum().backward()
     to_k = dict(unet.named_parameters())["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]

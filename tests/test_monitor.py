@@ -109,9 +109,9 @@ def _ranks_keep_identical_ledgers():
     from omegaconf import OmegaConf
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from train.config import MonitorConfig
+    from train.monitor.config import MonitorConfig
     from train.models import byte_level_tokenizer
-    from train.monitor.monitor import Monitor
+    from train.monitor.monitor import Monitor, StepRecord
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)  # same model on both ranks
@@ -136,8 +136,8 @@ def _ranks_keep_identical_ledgers():
         pred = unet(noisy, t, emb).sample
         loss = ((pred - noise) ** 2).mean((1, 2, 3))
         index = torch.arange(4) + 4 * accelerator.process_index + 8 * (step % 2)
-        monitor.after_forward(accelerator, {"index": index, "sample_id": [str(i) for i in index.tolist()]},
-                              loss, pred, latents, noise, noisy, t, emb, step)
+        batch = {"index": index, "sample_id": [str(i) for i in index.tolist()]}
+        monitor.after_forward(accelerator, StepRecord(batch, step, loss, pred, latents, noise, noisy, t, emb))
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in monitor.state_tensors().values())).digest()
     mine = torch.tensor(list(digest), dtype=torch.float64)[None]
     everyone = accelerator.gather(mine)

@@ -12,6 +12,7 @@ import argparse
 import difflib
 import os
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -277,15 +278,32 @@ def _is_secret(key: str) -> bool:
     return key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)
 
 
+# Secrets inside values: a URL's user:password, signed-URL and token query parameters, an
+# Authorization header, NAME_TOKEN=... / --token ... in a shard command (e.g. webdataset's pipe:).
+_SECRET_IN_VALUE = [
+    (re.compile(r"(?<=://)([^/@\s:]+):[^/@\s]+@"), r"\1:<redacted>@"),
+    (re.compile(r"(?i)([?&](?:[\w-]*signature|[\w-]*token|sig|key|password|credential)=)[^&\s'\"]+"), r"\1<redacted>"),
+    (re.compile(r"(?i)(authorization:\s*(?:bearer|basic|token)?\s*)[^\s'\"]+"), r"\1<redacted>"),
+    (re.compile(r"(?i)(\b[\w]*(?:token|secret|password|api_key|apikey)=)[^\s'\"]+"), r"\1<redacted>"),
+    (re.compile(r"(?i)(--(?:[\w-]*token|[\w-]*password|[\w-]*secret|api-key)[ =])[^\s'\"]+"), r"\1<redacted>"),
+]
+
+
+def redact_value(text: str) -> str:
+    for pattern, replacement in _SECRET_IN_VALUE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def to_container(cfg: DictConfig) -> dict:
-    """Resolved plain dict with anything that looks like a secret removed."""
+    """Resolved plain dict with anything that looks like a secret removed, by key or inside a value."""
 
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: ("<redacted>" if _is_secret(k) else scrub(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [scrub(v) for v in node]
-        return node
+        return redact_value(node) if isinstance(node, str) else node
 
     return scrub(OmegaConf.to_container(cfg, resolve=True))
 

@@ -33,7 +33,7 @@ from data.datasets import build_train_data, resolve_source  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.finetune import encode_text, per_sample_loss  # noqa: E402
 from train.models import freeze, load_components  # noqa: E402
-from train.monitor.monitor import Monitor  # noqa: E402
+from train.monitor.monitor import Monitor, StepRecord  # noqa: E402
 
 VARIANTS = {
     "off": None,
@@ -91,7 +91,8 @@ def main() -> None:
                 pred = unet(noisy, t, text).sample
                 loss_vec = per_sample_loss(pred, noise, t, sched, None)
                 if monitor is not None:
-                    monitor.after_forward(accelerator, batch, loss_vec, pred, latents, noise, noisy, t, text, step)
+                    monitor.after_forward(accelerator, StepRecord(batch, step, loss_vec, pred, latents, noise, noisy,
+                                                                  t, text))
                 loss_vec.mean().backward()
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
                 opt.step()

@@ -206,6 +206,9 @@ class Dedup(Mitigation):
 
     @classmethod
     def check(cls, cfg: DictConfig, run_cfg: DictConfig) -> Optional[str]:
+        if cfg.by != "loss" and not (cfg.images or (cfg.regions and cfg.region_scope == "image")):
+            return (f"mitigate.dedup.by={cfg.by} acts on row weights: set mitigate.dedup.images=true "
+                    "(or regions with region_scope=image)")
         if not cls.active(cfg):
             return None
         if run_cfg.data.source == "webdataset":
@@ -213,9 +216,6 @@ class Dedup(Mitigation):
         if cfg.regions and run_cfg.data.resolution % cfg.region_tiles:
             return (f"mitigate.dedup.region_tiles ({cfg.region_tiles}) must divide data.resolution "
                     f"({run_cfg.data.resolution})")
-        if cfg.by != "loss" and not (cfg.images or cfg.region_scope == "image"):
-            return (f"mitigate.dedup.by={cfg.by} acts on row weights: set mitigate.dedup.images=true "
-                    "(or regions with region_scope=image)")
         return None
 
     def __init__(self, cfg: DictConfig, ctx: BuildContext):
