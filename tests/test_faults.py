@@ -260,3 +260,22 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_clear_line(tmp_path, cache_
     monkeypatch.undo()
     main(args + ["train.resume=latest"])  # recovery: from checkpoint-3
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_from_before_the_size_list_are_still_checked(finished_run, tmp_path):
+    # train_state.json lists each file's size; an older checkpoint has no list: the file formats
+    # themselves (safetensors header, torch's zip directory) must show the damage
+    from train.checkpoint import checkpoint_problem
+
+    ckpt = tmp_path / "checkpoint-6"
+    shutil.copytree(finished_run / "checkpoints" / "checkpoint-6", ckpt)
+    state = json.loads((ckpt / "train_state.json").read_text())
+    assert state.pop("files")
+    (ckpt / "train_state.json").write_text(json.dumps(state))
+    assert checkpoint_problem(ckpt) is None
+    for name in ("model.safetensors", "rng_rank0.safetensors", "ledger.safetensors", "optimizer.bin",
+                 "random_states_0.pkl"):
+        original = (ckpt / name).read_bytes()
+        truncate(ckpt / name)
+        assert name in (checkpoint_problem(ckpt) or ""), name
+        (ckpt / name).write_bytes(original)

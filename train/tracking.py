@@ -35,11 +35,25 @@ class Tracker:
             self.wandb_run = self._init_wandb(cfg, Path(output_dir))
 
     def _truncate_after(self, step: int) -> None:
-        """Steps after the checkpoint will be trained again: keep their first record only."""
+        """Steps after the checkpoint will be trained again: keep their first record only.
+
+        A line that does not parse is dropped with a warning: the last one is torn when a run
+        dies mid-write (full disk, power loss); any other was damaged some other way."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row_step = float(json.loads(line).get("step", 0))
+            except (ValueError, AttributeError, TypeError):  # not JSON, not an object, no number
+                torn = "torn last line" if number == len(lines) else "damaged line"
+                log.warning("%s:%d: dropping a %s (%r)", self.path, number, torn, line[:80])
+                continue
+            if row_step <= step:
+                kept.append(line)
         write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def _init_wandb(self, cfg: DictConfig, output_dir: Path):
