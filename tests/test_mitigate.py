@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fast_overrides, make_imagefolder, read_metrics, run_on_two_ranks
+from conftest import fast_overrides, make_imagefolder, read_metrics
 from omegaconf import OmegaConf
 
 from train.mitigate import BuildContext, MitigationStep
