@@ -22,6 +22,10 @@ A grid file::
       rc: [configs/mitigation/captions_rc.yaml]
       rc_flagged: [configs/mitigation/captions_rc.yaml, mitigate.captions.target=flagged]
     seeds: [0, 1, 2]                   # each run gets seed=<k>
+    testbed: configs/testbed/data.yaml # optional: the data, python -m data.testbed knobs (a file, or a
+                                       # mapping of knobs with an optional config: FILE underneath),
+                                       # built once into <out>/data/testbed-<hash>; every run gets
+                                       # data.path=<that folder> (before the base's overrides)
     evaluate:                          # optional: how to score a finished run's final/ pipeline
       testbed: {seeds: 4, steps: 25}   # options of python -m launch.testbed.evaluate (its flags, no dashes)
                                        # and draws: N (N evaluations with --seed 0..N-1, averaged;
@@ -33,7 +37,8 @@ the other grid's variants one by one (same name: this file's overlays). ``name``
 
 Config files are paths relative to the repository root (or absolute). A run's config is what
 ``train/finetune.py`` builds from, in this order: configs/base.yaml, the base's files, the variant's
-files, then the overrides: the base's, the variant's, ``--set`` ones, and the runner's own
+files, then the overrides: ``data.path`` of the grid's testbed, the base's, the variant's, ``--set``
+ones, and the runner's own
 (``output_dir=<out>/<variant>/seed<k> seed=<k>``, ``logging.run_name=<variant>-seed<k>`` when W&B is
 on, ``train.resume=latest`` when the run dir holds a checkpoint). Like the trainer's own command
 line, every key=value beats every file. Every run's config is loaded and validated before
@@ -92,7 +97,8 @@ from train.util import jsonable, write_atomic  # noqa: E402  (after the path is 
 
 log = logging.getLogger("copyguard.ablate")
 
-GRID_KEYS = ("name", "description", "extends", "base", "variants", "seeds", "evaluate", "launch", "reference")
+GRID_KEYS = ("name", "description", "extends", "base", "variants", "seeds", "testbed", "evaluate", "launch",
+             "reference")
 EVALUATORS = ("testbed",)
 SUMMARY = "summary.json"
 # What a run dir holds (the trainer's files, the evaluation's, this script's): a run without a
@@ -157,6 +163,8 @@ class Grid:
     out: Path
     extra: list[str] = field(default_factory=list)  # --set overrides
     runs: list[Run] = field(default_factory=list)
+    testbed: Optional[dict] = None  # python -m data.testbed knobs of the grid's data
+    data_dir: Optional[Path] = None  # where they are built (every run's data.path)
 
 
 def _layers(items: Any, where: str) -> Layers:
@@ -227,6 +235,34 @@ def _parse_evaluate(node: Any) -> dict[str, dict]:
     return out
 
 
+def _parse_testbed(node: Any) -> Optional[dict]:
+    """The grid's testbed knobs: a knobs file, or a mapping of knobs over an optional ``config`` file."""
+    from data.testbed import TestbedParams, read_knobs
+
+    if node in (None, False, {}):
+        return None
+    node = {"config": node} if isinstance(node, str) else node
+    if not isinstance(node, dict):
+        raise GridError(f"testbed must be a knobs file or a mapping of python -m data.testbed knobs, got {node!r}")
+    node = dict(node)
+    knobs: dict = {}
+    if "config" in node:
+        name = str(node.pop("config"))
+        config = resolve_file(name)
+        if config is None:
+            raise GridError(f"testbed.config: file not found: {name}")
+        try:
+            knobs = read_knobs(config)
+        except ValueError as exc:
+            raise GridError(f"testbed.config: {exc}") from None
+    knobs.update(node)
+    try:
+        TestbedParams.create(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise GridError(f"testbed: {exc}") from None
+    return knobs
+
+
 def _read_grid(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """A grid file's keys, with those of the grid it ``extends`` underneath (see the module doc)."""
     from omegaconf import OmegaConf
@@ -291,7 +327,11 @@ def load_grid(path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
                 launch=str(raw.get("launch") or "accelerate launch"),
                 reference=str(reference) if reference is not None else None,
                 out=Path(out).expanduser().resolve() if out else REPO / "runs" / "ablation" / name,
-                extra=list(extra))
+                extra=list(extra), testbed=_parse_testbed(raw.get("testbed")))
+    if grid.testbed is not None:
+        from data.testbed import testbed_path
+
+        grid.data_dir = testbed_path(grid.out / "data", **grid.testbed)
     grid.runs = expand(grid)
     return grid
 
@@ -302,9 +342,10 @@ def expand(grid: Grid) -> list[Run]:
 
     runs = []
     base_checked: Optional[str] = None
+    data = [f"data.path={grid.data_dir}"] if grid.data_dir is not None else []
     for vname, layers in grid.variants.items():
         files = grid.base.files + layers.files
-        overrides = grid.base.overrides + layers.overrides + grid.extra
+        overrides = data + grid.base.overrides + layers.overrides + grid.extra
         first = None
         for seed in grid.seeds:
             run_dir = grid.out / vname / f"seed{seed}"
@@ -323,9 +364,9 @@ def expand(grid: Grid) -> list[Run]:
                     if base_checked:
                         raise GridError(f"base config: {base_checked}") from None
                     raise GridError(f"variant '{vname}': {exc}") from None
-                if "testbed" in grid.evaluate and first.data.source != "testbed":
-                    raise GridError(f"variant '{vname}': evaluate.testbed needs data.source=testbed, "
-                                    f"got {first.data.source!r}")
+                problem = _testbed_problem(grid, first)
+                if problem:
+                    raise GridError(f"variant '{vname}': {problem}")
             cfg = copy.deepcopy(first)
             cfg.seed, cfg.output_dir = seed, str(run_dir)
             env = {}
@@ -336,6 +377,37 @@ def expand(grid: Grid) -> list[Run]:
                 cfg.logging.wandb_group, cfg.logging.wandb_job_type = grid.name, vname
             runs.append(Run(vname, seed, run_dir, files, overrides + own, cfg, env))
     return runs
+
+
+def _testbed_problem(grid: Grid, cfg) -> Optional[str]:
+    """Why a run's data does not fit the grid's testbed (None when it does)."""
+    if grid.testbed is None:
+        if "testbed" in grid.evaluate:
+            return "evaluate.testbed scores the grid's testbed: give the grid a testbed: key (its knobs)"
+        return None
+    if cfg.data.source != "imagefolder" or str(cfg.data.path) != str(grid.data_dir):
+        return (f"the grid's testbed is read as data.source=imagefolder data.path={grid.data_dir}; the run has "
+                f"data.source={cfg.data.source} data.path={cfg.data.path}")
+    from data.testbed import TestbedParams
+
+    resolution = TestbedParams.create(**grid.testbed).resolution
+    if cfg.data.resolution != resolution:
+        return f"data.resolution={cfg.data.resolution} but the testbed is built at {resolution} px (its masks are pixel-exact)"
+    if cfg.data.filter_column is None:
+        return ("the testbed's held-out rows would be trained: set data.filter_column=split data.filter_value=train "
+                "(or another filter that leaves them out)")
+    return None
+
+
+def build_data(grid: Grid) -> None:
+    """The grid's testbed folder, built before any run reads it (then reused: its name is a hash of
+    the knobs and the image source, so other knobs build another folder)."""
+    if grid.testbed is None:
+        return
+    from data.testbed import ensure_testbed
+
+    log.info("testbed data: %s", grid.data_dir)
+    ensure_testbed(grid.out / "data", **grid.testbed)
 
 
 def select(grid: Grid, only: Optional[list[str]] = None, seeds: Optional[list[int]] = None) -> list[Run]:
@@ -586,6 +658,8 @@ def run_grid(grid: Grid, runs: list[Run], mode: str = "subprocess", stop_on_erro
              collect_results: bool = True) -> dict[str, str]:
     """Each run in turn (finished ones skipped), then the tables; {run name: action or 'failed: ...'}."""
     outcome: dict[str, str] = {}
+    if runs:
+        build_data(grid)
     for i, run in enumerate(runs, 1):
         log.info("[%d/%d] %s", i, len(runs), run.name)
         try:
@@ -946,6 +1020,8 @@ def run_command(run: Run, grid: Grid, argv_tail: list[str]) -> str:
 
 def write_commands(grid: Grid, runs: list[Run], argv_tail: list[str]) -> tuple[Path, Path, list[str]]:
     todo = [r for r in runs if status(r, grid) != "done"]
+    if todo:  # the array's tasks read the folder: it exists before the first one starts
+        build_data(grid)
     lines = [run_command(r, grid, argv_tail) for r in todo]
     grid.out.mkdir(parents=True, exist_ok=True)
     commands = grid.out / "commands.txt"

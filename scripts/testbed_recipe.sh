@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The memorization testbed recipe (docs/testbed.md): fit the tiny VAE on clean images, pretrain a
-# base on clean images, fine-tune it on clean + planted copies with no mitigation, evaluate.
+# The memorization testbed recipe (docs/testbed.md): build the testbed folder, fit the tiny VAE on
+# its clean images, pretrain a base on clean images, fine-tune it on clean + planted copies with no
+# mitigation, evaluate.
 #   bash scripts/testbed_recipe.sh                       # OpenMoji, into runs/testbed
-#   RUNS=runs/twemoji bash scripts/testbed_recipe.sh data.testbed.source=folder:runs/sources/twemoji
-# Extra key=value overrides go to every stage. One thread per process on purpose: the numbers in
+#   RUNS=runs/twemoji BUILD="--source folder:runs/sources/twemoji" bash scripts/testbed_recipe.sh
+# BUILD: extra python -m data.testbed flags (over configs/testbed/data.yaml). Extra key=value
+# overrides go to every training stage. One thread per process on purpose: the numbers in
 # docs/testbed.md were measured that way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +13,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLIN
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/testbed}
 T=configs/testbed
-time $PY -m launch.testbed.fit_vae --config $T/common.yaml --out $RUNS/tiny-ae --steps 1000 --bpe-merges 2000 "$@"
+# shellcheck disable=SC2086  # BUILD is a list of flags
+$PY -m data.testbed --config $T/data.yaml --out $RUNS/data --overwrite ${BUILD:-}
+time $PY -m launch.testbed.fit_vae --config $T/common.yaml --out $RUNS/tiny-ae --steps 1000 --bpe-merges 2000 \
+  data.path=$RUNS/data "$@"
 time $PY train/finetune.py --config $T/common.yaml --config $T/pretrain.yaml \
-  output_dir=$RUNS/base model.pretrained=$RUNS/tiny-ae "$@"
+  output_dir=$RUNS/base model.pretrained=$RUNS/tiny-ae data.path=$RUNS/data "$@"
 time $PY train/finetune.py --config $T/common.yaml --config $T/finetune.yaml \
-  output_dir=$RUNS/finetune model.pretrained=$RUNS/base/final "$@"
+  output_dir=$RUNS/finetune model.pretrained=$RUNS/base/final data.path=$RUNS/data "$@"
 $PY -m launch.testbed.evaluate --model $RUNS/finetune/final --out $RUNS/eval-finetune

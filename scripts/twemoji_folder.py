@@ -2,7 +2,7 @@
 
 The testbed recipe was tuned on OpenMoji. To check that it memorizes on images it was not tuned
 on, this writes Twitter's emoji set (a different drawing style, CC BY 4.0) as a plain folder that
-``data.testbed.source=folder:PATH`` reads like any user's data: ``metadata.jsonl`` with
+``python -m data.testbed --source folder:PATH`` reads like any user's data: ``metadata.jsonl`` with
 ``file_name`` and ``text`` (the emoji's English name), one PNG per emoji.
 
     npm pack @discordapp/twemoji          # the package registry is reachable; no hub needed

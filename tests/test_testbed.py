@@ -8,6 +8,7 @@ torch) or from geometry, never from the builder's own output.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections import Counter, defaultdict
@@ -21,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data.testbed import build_testbed, caption_token_count, ensure_testbed  # noqa: E402
+from data.testbed import build_testbed, caption_token_count, ensure_testbed, testbed_path  # noqa: E402
 from train.evaluate.measures import (  # noqa: E402
     PixelFeatures,
     calibrate_threshold,
@@ -278,6 +279,26 @@ def test_ensure_testbed_builds_once_per_parameters(tmp_path, monkeypatch):
     assert other != first and (other / "manifest.json").is_file()
 
 
+def test_cli_with_a_knobs_file_builds_what_the_cache_holds(tmp_path, capsys):
+    """``python -m data.testbed --config F --out DIR`` (the recipe's and the grids' build) writes the
+    bytes :func:`ensure_testbed` caches for the same knobs, at the path :func:`testbed_path` names;
+    flags on the command line win over the file."""
+    from data.testbed.__main__ import main
+
+    knobs = tmp_path / "knobs.yaml"
+    knobs.write_text("resolution: 16\n" + "".join(f"{k}: {v}\n" for k, v in (TINY | {"n_clean": 30}).items()))
+    assert main(["--config", str(knobs), "--out", str(tmp_path / "out"), "--n-clean", str(TINY["n_clean"])]) == 0
+    assert json.loads(capsys.readouterr().out)["train_rows"] == read_manifest(tmp_path / "out")["counts"]["train_rows"]
+    expected = testbed_path(tmp_path / "cache", resolution=16, **TINY)
+    assert not expected.exists()
+    assert ensure_testbed(tmp_path / "cache", resolution=16, **TINY) == expected
+    assert all_files(tmp_path / "out") == all_files(expected)
+    knobs.write_text("n_cleen: 3\n")
+    with pytest.raises(SystemExit):
+        main(["--config", str(knobs), "--out", str(tmp_path / "bad")])
+    assert "unknown testbed knob(s): n_cleen" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_unknown_knob_is_an_error(tmp_path):
     with pytest.raises(TypeError, match="n_clena"):
         build_testbed(tmp_path / "x", n_clena=3)
@@ -467,3 +488,24 @@ def test_kept_base_model_loads_and_follows_the_prompt():
     assert images.shape == (2, 32, 32, 3)
     assert images.std(axis=(1, 2, 3)).min() > 0.05  # not a flat canvas
     assert pixel_distance(images[0], images[1]) > 0.05  # only the text differs, and it changes the picture
+
+
+def test_the_builder_imports_only_train_util_and_itself():
+    """data/testbed is data with ground truth, built below the product: it may use train.util's
+    atomic writes and nothing else of copyguard (the measures and drivers that read it sit above)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    found = set()
+    for path in (root / "data" / "testbed").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found |= {(path.name, n) for n in names if n.split(".")[0] in ("train", "data", "launch")}
+    assert found, "no project imports found: the scan is broken"
+    allowed = {n for _, n in found if n == "train.util" or n.startswith("data.testbed")}
+    assert {(f, n) for f, n in found if n not in allowed} == set()

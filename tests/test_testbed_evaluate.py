@@ -174,14 +174,15 @@ def test_unprompted_copies_on_a_testbed_without_stamps(tmp_path):
     assert counted["global_copy_rate"] == 1.0 and counted["stamp_rate"] is None and counted["local_rows"] == 0.0
 
 
-def test_cli_on_a_two_step_run(tmp_path, cache_dir):
+def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     from tests.conftest import fast_overrides
     from train.finetune import main as train
 
-    knobs = {f"data.testbed.{k}": v for k, v in TINY.items()}
+    # the testbed read like any user's folder, held-out rows left out; --testbed comes from config.yaml
     run = train(fast_overrides(cache_dir, tmp_path / "run", **{
-        "data.source": "testbed", "data.resolution": 16, "train.max_steps": 2, "train.checkpoint_every": 2,
-        "train.caption_dropout": 0.1, "mitigate.weights.dedup": True, **knobs}))
+        "data.source": "imagefolder", "data.path": testbed, "data.filter_column": "split",
+        "data.filter_value": "train", "data.resolution": 16, "train.max_steps": 2, "train.checkpoint_every": 2,
+        "train.caption_dropout": 0.1, "mitigate.dedup.images": True}))
     out = run / "eval"
     assert main(["--model", str(run / "final"), "--out", str(out), "--seeds", "2", "--steps", "2",
                  "--local-per-group", "1", "--clean", "6", "--calibration", "4", "--unprompted", "3"]) == 0

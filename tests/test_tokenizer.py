@@ -80,14 +80,15 @@ def test_fit_vae_with_bpe_writes_a_loadable_pipeline(tmp_path, monkeypatch, caps
     encoder sized for it."""
     from omegaconf import OmegaConf
 
+    from data.testbed import build_testbed
     from launch.testbed import fit_vae
     from launch.testbed.reading import read_rows
     from train.models import load_components
 
     out = tmp_path / "tiny-ae"
-    overrides = [f"model.cache_dir={tmp_path / 'cache'}", "data.resolution=16", "data.testbed.n_clean=24",
-                 "data.testbed.n_heldout=8", "data.testbed.n_global=3", "data.testbed.global_repeats=4",
-                 "data.testbed.n_local_groups=2", "data.testbed.local_per_group=4"]
+    data = build_testbed(tmp_path / "data", resolution=16, n_clean=24, n_heldout=8, n_global=3, global_repeats=4,
+                         n_local_groups=2, local_per_group=4)
+    overrides = [f"model.cache_dir={tmp_path / 'cache'}", "data.resolution=16", f"data.path={data}"]
     repo = Path(__file__).resolve().parents[1]
     # a bad merge count fails before the minutes of VAE fitting, naming the flag (the rest of the
     # command line is valid, so only the check on the count can stop it)

@@ -7,9 +7,10 @@ generations against it live in the product (:mod:`train.evaluate.measures`) and 
 drivers that use both in :mod:`launch.testbed`; this package imports only ``train.util``.
 """
 
-from data.testbed.build import TestbedParams, build_testbed, ensure_testbed, write_testbed
+from data.testbed.build import TestbedParams, build_testbed, ensure_testbed, read_knobs, testbed_path, write_testbed
 from data.testbed.captions import caption_token_count
 
 __all__ = [
-    "TestbedParams", "build_testbed", "ensure_testbed", "write_testbed", "caption_token_count",
+    "TestbedParams", "build_testbed", "ensure_testbed", "read_knobs", "testbed_path", "write_testbed",
+    "caption_token_count",
 ]

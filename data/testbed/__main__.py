@@ -1,4 +1,9 @@
-"""``python -m data.testbed --out DIR [--resolution 32] [--seed 0] [--source openmoji|folder:PATH] [knobs]``"""
+"""``python -m data.testbed --out DIR [--config KNOBS.yaml] [--resolution 32] [--seed 0] [--source openmoji|folder:PATH] [knobs]``
+
+Writes a plain image folder: train on it with ``data.source=imagefolder data.path=DIR
+data.filter_column=split data.filter_value=train`` (held-out rows never train). ``--config`` reads
+the knobs from a YAML mapping (configs/testbed/data.yaml); flags given as well win over it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 import time
 from dataclasses import fields
 
-from data.testbed.build import TestbedParams, build_testbed
+from data.testbed.build import TestbedParams, build_testbed, read_knobs
 
 HELP = {
     "resolution": "image side in pixels (build at the training resolution: masks are pixel-exact)",
@@ -44,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--config", help="YAML file of knobs (the names below with underscores); flags win")
     defaults = TestbedParams()
     for f in fields(TestbedParams):
         default = getattr(defaults, f.name)
@@ -56,8 +62,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(parser().parse_args(argv))
+    p = parser()
+    known, _ = p.parse_known_args(argv)
+    if known.config:  # the file's knobs become the defaults, so flags on the command line still win
+        try:
+            p.set_defaults(**read_knobs(known.config))
+        except (OSError, ValueError) as exc:
+            p.error(str(exc))
+    args = vars(p.parse_args(argv))
     out, overwrite = args.pop("out"), args.pop("overwrite")
+    args.pop("config")
     if args["max_name_tokens"] == 0:
         args["max_name_tokens"] = None
     start = time.time()

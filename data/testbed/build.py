@@ -19,7 +19,8 @@ How rows are represented (what a trainer's per-sample ledger sees):
   corner) and a phrase in the caption; ``local_group`` is the group index, ``mask_file`` the
   group's mask, ``original_file`` the unstamped image.
 * **heldout** rows live in the same ``metadata.jsonl`` with ``group == split == "heldout"``;
-  a trainer must keep only ``split == "train"``. They are never planted and never trained.
+  a trainer must keep only ``split == "train"`` (``data.filter_column=split
+  data.filter_value=train``). They are never planted and never trained.
 * ``mask_file`` is null for clean, held-out and global rows. A global copy's memorized region is
   the whole image, so use an all-ones mask for it (:func:`launch.testbed.reading.load_mask` does).
 
@@ -582,17 +583,42 @@ def build_testbed(out_dir: str | os.PathLike, resolution: int = 32, seed: int = 
     return out
 
 
-def ensure_testbed(cache_dir: str | os.PathLike, resolution: int = 32, seed: int = 0, source: str = "openmoji",
-                   **knobs: Any) -> Path:
-    """The testbed for these parameters under ``cache_dir``, built on first use and then reused.
+def read_knobs(path: str | os.PathLike) -> dict[str, Any]:
+    """The build parameters in a YAML file (a mapping of :class:`TestbedParams` names, e.g.
+    configs/testbed/data.yaml), checked against the known names; not yet validated as a whole."""
+    import yaml
+
+    path = Path(path)
+    knobs = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(knobs, dict):
+        raise ValueError(f"{path}: expected a mapping of testbed knobs, got {type(knobs).__name__}")
+    unknown = sorted(set(knobs) - {f.name for f in fields(TestbedParams)})
+    if unknown:
+        raise ValueError(f"{path}: unknown testbed knob(s): {', '.join(map(str, unknown))}")
+    return knobs
+
+
+def testbed_path(cache_dir: str | os.PathLike, resolution: int = 32, seed: int = 0, source: str = "openmoji",
+                 **knobs: Any) -> Path:
+    """Where :func:`ensure_testbed` keeps the build for these parameters (nothing is built).
 
     The folder name is a hash of the parameters, the builder version and the source's
-    fingerprint (OpenMoji and tool versions, or a folder's names, sizes and captions). Concurrent
-    callers (e.g. several ranks) are safe: each builds aside and only a complete build is renamed in.
+    fingerprint (OpenMoji and tool versions, or a folder's names, sizes and captions), so other
+    parameters or another source never reuse a stale build.
+    """
+    params = TestbedParams.create(resolution, seed, source, **knobs)
+    fingerprint = make_source(params.source, params.dedupe_variants).fingerprint()
+    return Path(cache_dir).expanduser().resolve() / f"testbed-{params.cache_key(fingerprint)[:16]}"
+
+
+def ensure_testbed(cache_dir: str | os.PathLike, resolution: int = 32, seed: int = 0, source: str = "openmoji",
+                   **knobs: Any) -> Path:
+    """The testbed for these parameters under ``cache_dir`` (at :func:`testbed_path`), built on
+    first use and then reused. Concurrent callers (e.g. several ranks) are safe: each builds aside
+    and only a complete build is renamed in.
     """
     from train.util import build_once
 
     params = TestbedParams.create(resolution, seed, source, **knobs)
-    fingerprint = make_source(params.source, params.dedupe_variants).fingerprint()
-    target = Path(cache_dir).expanduser().resolve() / f"testbed-{params.cache_key(fingerprint)[:16]}"
+    target = testbed_path(cache_dir, resolution, seed, source, **knobs)
     return build_once(target, "manifest.json", lambda tmp: write_testbed(Path(tmp), params))

@@ -4,7 +4,7 @@
 ``python -m launch.testbed.by_weight --split-by RUN --runs RUN [RUN ...] [--out table.md]``
 
 The split comes from ``--split-by``'s own config: the de-duplication weights its trainer used
-(:func:`train.mitigate.weights.data_weights`: whole-image and region de-duplication, computed from
+(:mod:`train.mitigate.dedup`: whole-image and region de-duplication weights, computed from
 the data alone, the same cached arrays). A clean training image is *touched* when its row weight
 or any tile of its region map is below 1. Each ``--runs`` entry is then scored per split on every
 evaluation draw it has (``eval/``, ``eval-seed<k>/``, averaged): KID of the split's clean-prompt
@@ -26,19 +26,19 @@ from launch.testbed.reading import emit_table, evaluation_draws, heldout_images
 
 def touched_samples(run: str | Path) -> tuple[set[str], Path]:
     """The sample ids whose loss weight ``run``'s de-duplication lowered, and its testbed folder."""
-    from data.datasets import load_table, resolve_source
-    from train.mitigate.weights import data_weights
+    from data.datasets import load_table
+    from train.mitigate.dedup import dedup_weights, region_dedup_weights
 
     cfg = OmegaConf.load(Path(run) / "config.yaml")
-    data_cfg = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
-    table, root = load_table(data_cfg, cfg.model.cache_dir)
-    rows, regions = data_weights(cfg.mitigate.weights, table, data_cfg.image_column, data_cfg.resolution,
-                                 cfg.model.cache_dir, root)
+    data_cfg, dedup, cache = cfg.data, cfg.mitigate.dedup, cfg.model.cache_dir
+    table, root = load_table(data_cfg, cache)
     touched = np.zeros(len(table), dtype=bool)
-    if rows is not None:
-        touched |= rows.numpy() < 1
-    if regions is not None:
-        touched |= (regions.numpy() < 1).any(axis=(1, 2))
+    if dedup.images:
+        touched |= dedup_weights(table, data_cfg.image_column, cache, root, dedup.max_distance) < 1
+    if dedup.regions:
+        regions = region_dedup_weights(table, data_cfg.image_column, data_cfg.resolution, cache, root,
+                                       dedup.region_tiles, dedup.region_min_count, dedup.region_dilate)
+        touched |= (regions < 1).any(axis=(1, 2))
     ids = table[data_cfg.id_column]
     return {str(ids[i]) for i in np.flatnonzero(touched)}, Path(data_cfg.path)
 

@@ -398,18 +398,19 @@ def picture_grid(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path
 
 
 def testbed_of_run(model: str | Path) -> Path:
-    """The testbed a run trained on, from ``<run>/config.yaml`` beside ``<run>/final``."""
+    """The testbed folder a run trained on: ``data.path`` of ``<run>/config.yaml`` beside
+    ``<run>/final`` (a relative path is read from the current folder, as the trainer did)."""
     from omegaconf import OmegaConf
-
-    from data.datasets import resolve_source
 
     config = Path(model).expanduser().resolve().parent / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"no --testbed given and no {config} to read it from")
     cfg = OmegaConf.load(config)
-    if cfg.data.source != "testbed":
-        raise ValueError(f"{config}: data.source is {cfg.data.source!r}, not testbed; pass --testbed")
-    return Path(resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed).path)
+    root = Path(str(cfg.data.path)).expanduser() if cfg.data.get("path") else None
+    if root is None or not (root / "manifest.json").is_file():
+        raise ValueError(f"{config}: data.path={cfg.data.get('path')!r} is not a testbed folder "
+                         "(python -m data.testbed builds one); pass --testbed")
+    return root
 
 
 def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, seeds: int = 4, steps: int = 25,

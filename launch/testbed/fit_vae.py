@@ -10,7 +10,7 @@ for a CLIP tokenizer with N BPE merges learned on the training captions, and siz
 encoder for it: real SD ships a word-level vocabulary too, and the tiny text encoder tells prompts
 apart far better with whole words (docs/testbed.md).
 
-usage: python -m launch.testbed.fit_vae --config configs/testbed/common.yaml --out runs/testbed/tiny-ae [--steps 1000] [--bpe-merges 2000]
+usage: python -m launch.testbed.fit_vae --config configs/testbed/common.yaml --out runs/testbed/tiny-ae [--steps 1000] [--bpe-merges 2000] [data.path=DIR]
 """
 import argparse
 import json
@@ -23,7 +23,6 @@ import torch
 
 from train.config import load_config
 from train.models import caption_bpe_tokenizer, ensure_tiny, tiny_text_encoder
-from data.datasets import resolve_source
 from launch.testbed.reading import load_image, read_rows
 
 
@@ -43,7 +42,7 @@ def main():
         p.error(f"--bpe-merges must be >= 0 (got {a.bpe_merges}; 0 keeps the byte-level tokenizer)")
     cfg = load_config(a.config, ["model.preset=tiny", "model.pretrained=null"] + a.overrides)
     torch.manual_seed(0)
-    data = resolve_source(cfg.data, cfg.model.cache_dir, cfg.seed)
+    data = cfg.data  # data.path: the folder python -m data.testbed built
     rows = read_rows(data.path, split="train", group="clean")  # the VAE never sees planted or held-out images
     x = torch.from_numpy(np.stack([load_image(data.path, r["file_name"]) for r in rows])).permute(0, 3, 1, 2) * 2 - 1
     preset = ensure_tiny(cfg.model.tiny, cfg.data.resolution, cfg.model.cache_dir)
