@@ -345,16 +345,17 @@ def read_metadata(root: Path, on_bad_sample: str, skipped: Optional[list] = None
             log.warning("skipping %d more bad line(s) of %s", len(bad) - MAX_WARNED_LINES, meta)
         if skipped is not None:
             skipped.extend(f"{meta}:{number}" for number, _ in bad)
-    columns: dict[str, list] = {}
-    for row in rows:
-        for key in row:
-            if key != "file_name" and key not in columns:
-                columns[key] = []
-    if "image" in columns:
+    if not rows:
+        raise DataError(f"{meta} has no usable rows" + (f" ({len(bad)} bad line(s), e.g. {first})" if bad else ""))
+    if any("image" in row for row in rows):
         raise DataError(f"{meta}: a key is named 'image', the column the image files get; rename it")
+    order = list(dict.fromkeys("image" if key == "file_name" else key for row in rows for key in row))
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    arrays = {"image": pa.array([{"bytes": None, "path": p} for p in paths], type=image_type)}
-    for key in columns:
+    arrays = {}
+    for key in order:  # the image column where file_name was, as the `datasets` loader
+        if key == "image":
+            arrays[key] = pa.array([{"bytes": None, "path": p} for p in paths], type=image_type)
+            continue
         values = [row.get(key) for row in rows]
         try:
             arrays[key] = pa.array(values)
