@@ -13,11 +13,10 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from train.evaluate.measures import iou, trivial_iou
-from train.config import TinyModelConfig
 from train.evaluate import (EvalConfig, PixelBackend, Probe, TorchScriptSSCD, be_region, feature_bank,
                             generate_with_capture, localization_iou, region_neighbours, run_eval_hook,
                             sampling_pipeline, step_magnitudes, topk_neighbours, validate_eval)
-from train.models import tiny_pipeline
+from train.models import TinyModelConfig, tiny_pipeline
 from train.monitor import AttentionCapture, CaptureAttnProcessor, cond_half, end_token_index
 
 RES = 32  # tiny preset: 32 px images, 16x16 latents, BE layers = down_blocks.0 (16x16)

@@ -9,8 +9,8 @@
    model that did not memorize that prompt. Every clean prompt is scored, so the clean rate is
    a measurement of clean memorization; calibrating on clean prompts instead would make it
    about 5% by construction (the scored and the calibration prompts would be exchangeable).
-2. Generations: ``StableDiffusionPipeline.from_pretrained`` with DDIM (trailing timesteps, so
-   sampling starts from pure noise), ``--seeds`` images per prompt, one seeded generator per
+2. Generations: the audit's sampling pipeline (:func:`train.audit.load_model`) with DDIM (trailing
+   timesteps, so sampling starts from pure noise), ``--seeds`` images per prompt, one seeded generator per
    (prompt, seed), so an image does not depend on how prompts are batched.
 3. Measures (all from :mod:`train.evaluate.measures`):
    * replica threshold = :func:`calibrate_threshold` (5% quantile) of the calibration
@@ -119,13 +119,14 @@ def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 12
 
 
 def load_pipeline(model: str | Path, spacing: str = "trailing"):
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The audit's sampling pipeline for ``model`` (a pipeline folder or a training checkpoint),
+    with DDIM at ``spacing``: trailing timesteps start sampling from pure noise."""
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, torch_dtype=torch.float32)
+    from train.audit import load_model
+
+    pipe, _, _ = load_model(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
