@@ -17,26 +17,8 @@ class ShapesDataConfig:
 
 
 @dataclass
-class TestbedDataConfig:
-    """The memorization testbed (data/testbed): planted global and local copies with ground truth.
-    Its own seed, so runs with different training seeds see the same data."""
-
-    source: str = "openmoji"  # or folder:PATH
-    seed: int = 0
-    n_clean: int = 400
-    n_heldout: int = 100
-    n_global: int = 10
-    global_repeats: int = 30
-    n_local_groups: int = 4
-    local_per_group: int = 12
-    stamp: str = "auto"  # emoji | shape | auto (emoji for openmoji)
-    stamp_size: float = 0.5  # stamp side as a fraction of the image side
-    local_background: bool = False  # local groups also share a pale background
-
-
-@dataclass
 class DataConfig:
-    source: str = choice("imagefolder", "hf", "webdataset", "shapes", "testbed")
+    source: str = choice("imagefolder", "hf", "webdataset", "shapes")
     path: Optional[str] = None  # folder, data set name/path, or shard pattern ("a/{000..009}.tar")
     split: str = "train"
     image_column: str = "image"
@@ -61,4 +43,3 @@ class DataConfig:
     allow_symlinks: bool = False
     shuffle_buffer: int = bounded(1000, ge=1)  # webdataset only: sample shuffle buffer per worker
     shapes: ShapesDataConfig = field(default_factory=ShapesDataConfig)
-    testbed: TestbedDataConfig = field(default_factory=TestbedDataConfig)

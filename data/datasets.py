@@ -566,16 +566,6 @@ def resolve_source(cfg: DictConfig, cache_dir: str, seed: int) -> DictConfig:
         cfg.path = str(ensure_shapes(Path(cache_dir).expanduser() / "data", cfg.shapes.num_samples,
                                      cfg.shapes.image_size, seed=seed))
         cfg.source = "imagefolder"
-    elif cfg.source == "testbed":
-        from data.testbed import ensure_testbed
-
-        knobs = dict(cfg.testbed)
-        cfg = cfg.copy()
-        cfg.path = str(ensure_testbed(Path(cache_dir).expanduser() / "data", resolution=cfg.resolution,
-                                      seed=knobs.pop("seed"), source=knobs.pop("source"), **knobs))
-        cfg.source = "imagefolder"
-        if cfg.filter_column is None:  # held-out rows are the quality reference: never trained
-            cfg.filter_column, cfg.filter_value = "split", "train"
     return cfg
 
 

@@ -279,3 +279,71 @@ def test_checkpoints_from_before_the_size_list_are_still_checked(finished_run, t
         truncate(ckpt / name)
         assert name in (checkpoint_problem(ckpt) or ""), name
         (ckpt / name).write_bytes(original)
+
+
+# ---- the run folder, ground truth, and the loop's own checks --------------------------------
+
+
+def test_a_new_run_refuses_a_folder_that_holds_another_run(tmp_path, cache_dir):
+    """A second run in the first one's folder used to prune its checkpoints, mix the metrics and
+    overwrite its files. Now it is refused; overwrite=true moves the old run aside, whole."""
+    from train.finetune import main
+
+    run = tmp_path / "run"
+    main(fast_overrides(cache_dir, run, **{"train.max_steps": 4, "train.checkpoint_every": 2,
+                                           "train.checkpoints_total_limit": 3}))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(SystemExit, match=r"already holds a run .*train\.resume=latest.*output_dir.*overwrite=true"):
+        main(fast_overrides(cache_dir, run, **{"train.max_steps": 2}))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing touched
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2, 3, 4]
+
+    main(fast_overrides(cache_dir, run, **{"train.max_steps": 2, "train.checkpoint_every": 2, "overwrite": "true"}))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1
+    assert sorted(p.name for p in (aside[0] / "checkpoints").iterdir()) == before  # the old run, whole
+    assert [r["step"] for r in read_metrics(aside[0]) if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [1, 2]  # the new one alone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+def test_a_missing_data_folder_fails_before_any_model_loads_or_folder_is_made(tmp_path, cache_dir, monkeypatch):
+    import train.finetune as finetune
+
+    monkeypatch.setattr(finetune, "build_models", lambda *a: pytest.fail("models were loaded"))
+    with pytest.raises(SystemExit, match=r"data\.path=.*nowhere: no such folder"):
+        finetune.main(fast_overrides(cache_dir, tmp_path / "run", **{"data.source": "imagefolder",
+                                                                     "data.path": str(tmp_path / "nowhere")}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_clear_line(tmp_path, cache_dir):
+    from train.finetune import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"output_dir .*file/run cannot be written .*choose a writable folder"):
+        main(fast_overrides(cache_dir, blocker / "run"))
+
+
+def test_ground_truth_is_scored_only_when_the_user_names_the_column(tmp_path, cache_dir, capsys):
+    """A column that merely happens to be called like a label no longer triggers whole-ledger AUC
+    passes; a named one is scored every monitor.detection_every log lines."""
+    from train.finetune import main
+
+    folder = make_imagefolder(tmp_path / "d", n=8)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    rows = [{**json.loads(line), "group": "global" if i < 2 else "clean"} for i, line in enumerate(lines)]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 4, "train.max_steps": 6,
+              "train.checkpoint_every": 100}
+    plain = main(fast_overrides(cache_dir, tmp_path / "plain", **common))
+    assert not any(k.startswith("memo/auc") for r in read_metrics(plain) for k in r)
+    named = main(fast_overrides(cache_dir, tmp_path / "named", **common, **{
+        "monitor.label_column": "group", "monitor.detection_every": 3}))
+    scored = [r["step"] for r in read_metrics(named) if "memo/auc/global" in r]
+    assert scored == [1, 4]  # log lines 1 and 4 of 6 (every 3rd, from the first)
+    capsys.readouterr()
+    main(fast_overrides(cache_dir, tmp_path / "missing", **common, **{"monitor.label_column": "kind"}))
+    # (the trainer configures logging itself, so its lines go to stderr, not to caplog)
+    assert "monitor.label_column=kind: the data has no such column" in capsys.readouterr().err

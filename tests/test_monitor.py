@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import fast_overrides, run_on_two_ranks
 
-from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
+from train.monitor.detection import detection_metrics
+from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.signals import be_signals, magnitude_signals, token_signals
 from train.monitor.stats import BinnedStats
 

@@ -225,10 +225,7 @@ def validate(cfg: DictConfig) -> None:
     if bool(m.pretrained) == bool(m.preset):
         raise ConfigError("set exactly one of model.pretrained (folder or hub id) and model.preset "
                           f"(got pretrained={m.pretrained!r}, preset={m.preset!r})")
-    if d.source == "testbed" and d.random_flip:
-        raise ConfigError("data.random_flip=true moves the testbed's stamps to the other corner, so its "
-                          "ground-truth masks would be wrong; set data.random_flip=false")
-    if d.source not in ("shapes", "testbed") and not d.path:
+    if d.source != "shapes" and not d.path:
         raise ConfigError(f"data.source={d.source} needs data.path")
     if d.resolution % 8:
         raise ConfigError(f"data.resolution must be a multiple of 8, got {d.resolution}")

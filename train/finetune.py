@@ -476,7 +476,8 @@ def run(cfg: DictConfig) -> Path:
     streaming = data_cfg.source == "webdataset"
     rng = torch.Generator(device=accelerator.device).manual_seed(seed_of(cfg.seed, "noise", rank))
     state = restore_state(cfg, accelerator, m, rng, resume_from, streaming)
-    table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir)
+    skipped_rows: list[str] = []  # metadata lines left out (data.on_bad_sample=skip): bad samples too
+    table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir, skipped=skipped_rows)
     monitor = None
     if cfg.monitor.enabled:  # the ledger has a row per table row (or grows with a stream)
         monitor = Monitor(cfg.monitor, accelerator.unwrap_model(m.unet), m.parts.tokenizer,
@@ -501,7 +502,7 @@ def run(cfg: DictConfig) -> Path:
              m.parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
              tcfg.gradient_accumulation_steps, tcfg.max_steps, ", ".join(mitigations.names) or "none")
 
-    bad_samples: set[str] = set()  # distinct bad samples met so far, over all ranks
+    bad_samples: set[str] = set(skipped_rows)  # distinct bad samples met so far, over all ranks
     window = Window()
     batches = iter(data.loader)
     while state.step < tcfg.max_steps:
@@ -547,6 +548,8 @@ def run(cfg: DictConfig) -> Path:
         validation_images(cfg.validation, cfg.data.resolution, accelerator, m.parts, m.unet, m.text_encoder, m.ema,
                           m.dtype, state.step, out, tracker)
     save_final(accelerator, m, zero_stage, tcfg.text_encoder, out)
+    if accelerator.is_main_process:
+        print(summary_text(out, monitor, cfg), flush=True)
     tracker.finish()
     accelerator.end_training()
     return out
@@ -580,6 +583,19 @@ def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool
         build_once(final, "model_index.json", lambda tmp: save_pipeline(m.parts, model, encoder, tmp))
         log.info("saved the final pipeline to %s", final)
     accelerator.wait_for_everyone()
+
+
+def summary_text(out: Path, monitor: Optional[Monitor], cfg: DictConfig) -> str:
+    """What a person wants at the end of a run: what the ledger flagged, and where things are."""
+    lines = ["", f"== copyguard: run finished in {out}"]
+    if monitor is not None:
+        lines += monitor.run_summary()
+        lines.append(f"ledger (one row per sample): {out / 'ledger.parquet'}")
+    reports = sorted((out / "eval").glob("step-*/report.html"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if reports:
+        lines.append(f"audit report of the last evaluation: {reports[-1]}")
+    lines += [f"pipeline: {out / 'final'}", f"metrics: {out / 'metrics.jsonl'}", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from train.monitor.detection import detection_metrics  # noqa: F401  (its old home: monitor.py imports it from here)
 from train.util import write_atomic
 
 HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps

@@ -27,7 +27,8 @@ import torch
 from omegaconf import DictConfig
 
 from train.monitor.capture import AttentionCapture
-from train.monitor.ledger import FlagPolicy, Ledger, detection_metrics
+from train.monitor.detection import detection_by_kind
+from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
                                    magnitude_signals, stack, token_signals)
 from train.monitor.stats import BinnedStats
@@ -202,17 +203,33 @@ class Monitor:
         """Running AUC and TPR@1%FPR per memorization kind, when the data carries ground truth."""
         if self.labels is None:
             return {}
-        out = {}
-        negative = self.labels == self.cfg.negative_label
-        for kind in sorted(set(self.labels.tolist()) - {self.cfg.negative_label}):
-            positive = self.labels == kind
-            for key, value in detection_metrics(self.ledger.score, positive, negative).items():
-                out[f"memo/{key}/{kind}"] = value
-            for j, name in enumerate(self.signals):
-                observed = self.ledger.sig_count[:, j] > 0
-                scores = np.where(observed, self.ledger.sig_mean[:, j].astype(np.float32), np.nan)
-                out[f"memo/auc/{kind}/{name}"] = detection_metrics(scores, positive, negative)["auc"]
+        out, negative = {}, self.cfg.negative_label
+        for kind, values in detection_by_kind(self.ledger.score, self.labels, negative).items():
+            out.update({f"memo/{key}/{kind}": value for key, value in values.items()})
+        for j, name in enumerate(self.signals):
+            observed = self.ledger.sig_count[:, j] > 0
+            scores = np.where(observed, self.ledger.sig_mean[:, j].astype(np.float32), np.nan)
+            for kind, values in detection_by_kind(scores, self.labels, negative).items():
+                out[f"memo/auc/{kind}/{name}"] = values["auc"]
         return out
+
+    def run_summary(self, k: int = 10) -> list[str]:
+        """Lines for the end of a run: how many rows the ledger flags, the top ``k`` with their
+        captions, and, when the user named a ground-truth column, how many of each kind are flagged."""
+        lines = [f"the ledger flags {int(self.ledger.flagged.sum())} of {int((self.ledger.obs > 0).sum())} observed rows"]
+        if self.labels is not None:
+            flagged = self.ledger.flagged[: len(self.labels)]
+            for kind in sorted(set(self.labels.tolist())):
+                rows = self.labels == kind
+                lines.append(f"  {self.cfg.label_column}={kind}: {int(flagged[rows].sum())} of {int(rows.sum())} flagged")
+        top = self.top_flagged(k)
+        if top:
+            lines.append(f"top {len(top)} by score (score, first flagged at step, caption):")
+            for row in top:
+                label = f" [{self.labels[row['slot']]}]" if self.labels is not None else ""
+                caption = row.get("caption") or row.get("sample_id") or f"row {row['slot']}"
+                lines.append(f"  {row['score']:6.2f}  step {row['first_flagged_step']:>6}  {caption}{label}")
+        return lines
 
     def histograms(self) -> dict[str, np.ndarray]:
         out = {}
