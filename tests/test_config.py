@@ -6,9 +6,17 @@ from omegaconf import OmegaConf
 from train.config import ConfigError, load_config, save_config
 
 
-def test_base_config_is_the_embedded_default():
+def test_the_embedded_default_is_the_demo_and_the_tests_use_their_own_base():
+    from train.config import BASE_CONFIG, REPO_ROOT
+
+    assert BASE_CONFIG == REPO_ROOT / "tests" / "base.yaml"  # set by conftest before train.config is imported
     cfg = load_config()
     assert cfg.model.preset == "tiny" and cfg.data.source == "shapes"
+    demo = load_config(base=REPO_ROOT / "configs" / "base.yaml")
+    assert (demo.model.pretrained, demo.data.path, demo.monitor.label_column) == (
+        "data/testbed/models/openmoji-base", "data/demo", "group")
+    assert (REPO_ROOT / demo.model.pretrained / "model_index.json").is_file()
+    assert (REPO_ROOT / demo.data.path / "metadata.jsonl").is_file()
 
 
 def test_unknown_cli_key_names_the_key_and_closest_valid_one():

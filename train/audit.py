@@ -19,10 +19,8 @@ Under ``accelerate launch -m train.audit ...`` the generations are shared out ov
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -33,9 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from data.datasets import DataError, load_table, resolve_source
 from train.config import Config, ConfigError, DataConfig, ModelConfig
 from train.evaluate.config import EvalConfig, validate_eval
-from train.evaluate.core import Judge, evaluate_probes, summarize, worst_first
-from train.util import jsonable
-from train.evaluate.report import render_report
+from train.evaluate.core import Judge, evaluate_probes, summarize
+from train.evaluate.report import build_report, write_report
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
 from train.evaluate.truth import TruthAnnotator, has_truth, score_against_truth
@@ -57,9 +54,16 @@ class AuditError(ValueError):
 
 def _section(loaded: DictConfig, schema, where: str) -> DictConfig:
     """One section of a saved config over its schema (other sections are left alone: a run
-    written by a newer copyguard may carry sections this one does not know)."""
+    written by a newer copyguard may carry sections this one does not know; keys an older one
+    wrote and this one dropped are left out with a warning)."""
+    base = OmegaConf.structured(schema)
+    loaded = loaded if loaded is not None else OmegaConf.create({})
+    dropped = [k for k in loaded if k not in base]
+    if dropped:
+        log.warning("%s: ignoring keys this copyguard does not know: %s", where, ", ".join(map(str, dropped)))
+        loaded = OmegaConf.create({k: v for k, v in loaded.items() if k in base})
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), loaded if loaded is not None else {})
+        return OmegaConf.merge(base, loaded)
     except Exception as exc:  # omegaconf's validation errors
         raise AuditError(f"cannot read {where}: {exc}") from exc
 
@@ -263,18 +267,6 @@ def eval_config(args) -> EvalConfig:
     return cfg
 
 
-EXPLAIN_FULL = ("A generation is a replica when its global similarity to the nearest training image passes the "
-                "backend's threshold (pixel: Carlini et al.'s normalized L2 < 1.4; SSCD: cosine > 0.5). It is a "
-                "local replica when, inside the bright-ending region (where the model attends to the end-of-text "
-                "token at the last step), its normalized L2 to the nearest training image is below the local "
-                "threshold while the whole image is not a replica. Magnitudes: ||eps(x_t,c) - eps(x_t,empty)||, "
-                "plain and bright-ending-masked, averaged over steps.")
-EXPLAIN_DETECT = ("Detect-only: no training images were compared. A generation is flagged when its "
-                  "bright-ending-masked noise magnitude is a robust outlier (z > 3.5) among the audited prompts; "
-                  "memorized prompts give large text-conditional magnitudes (Wen et al.) concentrated where the "
-                  "end-of-text token is attended (Chen et al.). The verdict is relative to the prompts audited.")
-
-
 def build_accelerator():
     import os
 
@@ -328,32 +320,15 @@ def audit(args) -> Path:
         summary["flagged"] = sum(r["flagged"] for r in records)
         summary["flagged_rate"] = summary["flagged"] / max(len(records), 1)
         summary["flag_threshold_z"] = DETECT_Z
-    else:
-        summary["replicas"] = sum(r["replica"] for r in records)
-        summary["local_replicas"] = sum(r["local_replica"] for r in records)
-        if annotate is not None:
-            truth = score_against_truth(records)
+    elif annotate is not None:
+        truth = score_against_truth(records)
 
-    # Panels were made for the worst cases by the judge's order; detect-only re-ranks by z.
-    order = worst_first(records)
-    panels = {job: result.panels[job] for job in order if job in result.panels}
-    report = {
-        "checkpoint": str(Path(args.checkpoint).expanduser().resolve()), "model": what, "data": data_name,
-        "mode": "detect-only" if args.detect_only else "full",
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "seeds": list(cfg.seeds),
-                     "resolution": resolution, "similarity": None if args.detect_only else cfg.similarity,
-                     "replica_threshold": judge.threshold if judge else None, "region": cfg.region,
-                     "region_quantile": cfg.region_quantile, "local_threshold": cfg.local_threshold,
-                     "be_layers": "default (highest-resolution cross-attention)"},
-        "summary": summary, "ground_truth": truth,
-        "explanation": EXPLAIN_DETECT if args.detect_only else EXPLAIN_FULL,
-        "records": records,
-    }
+    report, panels = build_report(result, cfg, summary, checkpoint=str(Path(args.checkpoint).expanduser().resolve()),
+                                  model=what, data=data_name, resolution=resolution,
+                                  threshold=judge.threshold if judge else None, truth=truth,
+                                  detect_only=args.detect_only)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(jsonable(report), indent=1))
-        (out / "report.html").write_text(render_report(report, panels), encoding="utf-8")
+        write_report(out, report, panels)
         log.info("wrote %s and %s", out / "report.json", out / "report.html")
     accelerator.wait_for_everyone()
     return out

@@ -27,7 +27,9 @@ from train.monitor.config import MonitorConfig
 from train.util import ConfigError, bounded, choice, in_range, range_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
+# The first layer of every run: the embedded default. COPYGUARD_BASE_CONFIG names another (the
+# tests use tests/base.yaml, a seconds-long tiny run); `--config` files layer over either.
+BASE_CONFIG = Path(os.environ.get("COPYGUARD_BASE_CONFIG", REPO_ROOT / "configs" / "base.yaml"))
 
 
 # --------------------------------------------------------------------------------------------

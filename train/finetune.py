@@ -496,11 +496,11 @@ def run(cfg: DictConfig) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     tracker = Tracker(cfg, out, accelerator.is_main_process, resume_step=state.step if resume_from is not None else None)
-    progress = tqdm(total=tcfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-                    disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
     log.info("training %s on %s: %s samples, %d process(es) x batch %d x accumulation %d, %d steps; mitigations: %s",
              m.parts.source, data_cfg.path, data.num_samples or "streamed", world, tcfg.batch_size,
              tcfg.gradient_accumulation_steps, tcfg.max_steps, ", ".join(mitigations.names) or "none")
+    progress = tqdm(total=tcfg.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
 
     bad_samples: set[str] = set(skipped_rows)  # distinct bad samples met so far, over all ranks
     window = Window()
@@ -531,7 +531,8 @@ def run(cfg: DictConfig) -> Path:
                               m.ema, m.dtype, state.step, out, tracker)
         if cfg.eval.every and (state.step % cfg.eval.every == 0 or last):
             # probe prompts (top flagged first); copies judged globally and inside BE regions
-            flagged_ids = [r["sample_id"] for r in monitor.top_flagged(cfg.eval.num_prompts)] if monitor else []
+            # (repeats of one image share a caption; the probes keep one of each, so ask for more)
+            flagged_ids = [r["sample_id"] for r in monitor.top_flagged(8 * cfg.eval.num_prompts)] if monitor else []
             if monitor is not None:
                 monitor.pause()  # the hook installs its own capture for sampling
             run_eval_hook(cfg.eval, accelerator, m.parts, m.unet, m.text_encoder, data.table, state.step, out,
@@ -591,14 +592,52 @@ def summary_text(out: Path, monitor: Optional[Monitor], cfg: DictConfig) -> str:
     if monitor is not None:
         lines += monitor.run_summary()
         lines.append(f"ledger (one row per sample): {out / 'ledger.parquet'}")
-    reports = sorted((out / "eval").glob("step-*/report.html"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if reports:
-        lines.append(f"audit report of the last evaluation: {reports[-1]}")
+    evals = sorted((out / "eval").glob("step-*/eval.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if evals:  # the last eval hook: what the model draws now
+        import json
+
+        folder, metrics = evals[-1].parent, json.loads(evals[-1].read_text())["metrics"]
+        judged = int(metrics.get("eval/num_generations", 0))
+        lines.append(f"eval at {folder.name}: {judged} generations; replicas {_pct(metrics.get('eval/replica_rate'))}, "
+                     f"local replicas {_pct(metrics.get('eval/local_replica_rate'))}")
+        if (folder / "report.html").is_file():
+            lines.append(f"audit report (generations next to their nearest training images): {folder / 'report.html'}")
     lines += [f"pipeline: {out / 'final'}", f"metrics: {out / 'metrics.jsonl'}", ""]
     return "\n".join(lines)
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def quiet_libraries() -> None:
+    """Library chatter that tells a copyguard user nothing (float32 casting notes, weight-loading
+    bars, DeepSpeed's accelerator guess, torchvision fallbacks) is silenced; their errors and
+    copyguard's own lines stay."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    # DeepSpeed logs its accelerator guess while it is imported, on a logger it configures itself:
+    # a filter set on that logger beforehand survives its setup
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "accelerator to" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint
+
+
 def main(argv: list[str] | None = None) -> Path:
+    quiet_libraries()
     try:
         cfg = parse_args(argv)
     except ConfigError as exc:

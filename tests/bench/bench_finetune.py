@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"})
+# the tiny preset on generated shapes (the tests' base layer), not the embedded demo
+os.environ.setdefault("COPYGUARD_BASE_CONFIG", str(Path(__file__).resolve().parents[1] / "base.yaml"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402

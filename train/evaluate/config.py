@@ -47,6 +47,7 @@ class EvalConfig:
 
     quality: bool = True  # KID of the generations against training images (fixed pixel features)
     num_panels: int = 8  # image triplets sent to the tracker per eval (worst cases first)
+    report: bool = True  # each eval also writes eval/step-<N>/report.html, the audit's page for the model being trained
 
 
 def validate_eval(cfg) -> None:

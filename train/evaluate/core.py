@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image
 
 from train.evaluate.measures import default_extractor, kernel_distance
-from train.util import jsonable
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
 from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists, to_uint8

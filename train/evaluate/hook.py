@@ -23,9 +23,11 @@ from typing import Sequence
 import torch
 
 from train.evaluate.core import EvalResult, Judge, evaluate_probes, summarize
-from train.util import jsonable
+from train.evaluate.report import build_report, write_report
 from train.evaluate.sampling import sampling_pipeline
+from train.evaluate.truth import TruthAnnotator, has_truth, score_against_truth
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
+from train.util import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class EvalHook:
         self.trainset: TrainingSet | None = (training_set(train_table, data_cfg, self.resolution)
                                              if train_table is not None else None)
         self.judge: Judge | None = None
+        self.annotate: TruthAnnotator | None = None
+        self.data_name = str(data_cfg.path)
 
     def cache_dir(self) -> Path:
         return Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else self.out_dir / "eval" / "cache"
@@ -74,12 +78,25 @@ class EvalHook:
         model = accelerator.unwrap_model(unet)
         pipe = sampling_pipeline(parts.vae, accelerator.unwrap_model(text_encoder), parts.tokenizer, model,
                                  parts.noise_scheduler)
+        if self.annotate is None and self.cfg.report and self.trainset is not None and has_truth(self.trainset):
+            self.annotate = TruthAnnotator(self.trainset)  # ground-truth columns: mark the planted copies
+        annotate = self.annotate
         with _ema_weights(model, ema):
             result = evaluate_probes(self.cfg, pipe, probes, height=self.resolution, width=self.resolution,
-                                     judge=self.judge, accelerator=accelerator, autocast_dtype=dtype)
+                                     judge=self.judge, accelerator=accelerator, autocast_dtype=dtype,
+                                     annotate=annotate)
         metrics = summarize(result)
         if accelerator.is_main_process:
             self._write(result, metrics, step, tracker)
+            if self.cfg.report:
+                summary = {"num_prompts": len(probes), **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
+                truth = score_against_truth(result.records) if annotate is not None else None
+                report, panels = build_report(result, self.cfg, summary, checkpoint=f"{self.out_dir} at step {step}",
+                                              model="the model being trained" + (" (EMA weights)" if ema else ""),
+                                              data=self.data_name,
+                                              resolution=self.resolution,
+                                              threshold=self.judge.threshold if self.judge else None, truth=truth)
+                write_report(self.out_dir / "eval" / f"step-{step}", report, panels)
         return metrics
 
     def _write(self, result: EvalResult, metrics: dict, step: int, tracker) -> None:

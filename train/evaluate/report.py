@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
+import time
+from pathlib import Path
 from typing import Any
+
+from train.evaluate.core import EvalResult, worst_first
+from train.util import jsonable, write_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;
@@ -87,6 +93,50 @@ def _tags(record: dict) -> str:
         label = "not flagged" if "flag_z" in record else "no copy found"
         tags.append(f'<span class="tag n">{label}</span>')
     return "".join(tags)
+
+
+EXPLAIN_FULL = ("A generation is a replica when its global similarity to the nearest training image passes the "
+                "backend's threshold (pixel: Carlini et al.'s normalized L2 < 1.4; SSCD: cosine > 0.5). It is a "
+                "local replica when, inside the bright-ending region (where the model attends to the end-of-text "
+                "token at the last step), its normalized L2 to the nearest training image is below the local "
+                "threshold while the whole image is not a replica. Magnitudes: ||eps(x_t,c) - eps(x_t,empty)||, "
+                "plain and bright-ending-masked, averaged over steps.")
+EXPLAIN_DETECT = ("Detect-only: no training images were compared. A generation is flagged when its "
+                  "bright-ending-masked noise magnitude is a robust outlier (z > 3.5) among the audited prompts; "
+                  "memorized prompts give large text-conditional magnitudes (Wen et al.) concentrated where the "
+                  "end-of-text token is attended (Chen et al.). The verdict is relative to the prompts audited.")
+
+
+def build_report(result: EvalResult, cfg, summary: dict, *, checkpoint: str, model: str, data: str | None,
+                 resolution: int, threshold: float | None, truth: dict | None, detect_only: bool = False
+                 ) -> tuple[dict, dict[int, bytes]]:
+    """The report (what report.json holds) and its panels, worst cases first: one shape for the
+    audit CLI and for the eval hook of a training run."""
+    records = result.records
+    if not detect_only:
+        summary = {**summary, "replicas": sum(r["replica"] for r in records),
+                   "local_replicas": sum(r["local_replica"] for r in records)}
+    # panels were made for the worst cases by the judge's order; detect-only re-ranks by z
+    panels = {job: result.panels[job] for job in worst_first(records) if job in result.panels}
+    report = {
+        "checkpoint": checkpoint, "model": model, "data": data, "mode": "detect-only" if detect_only else "full",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "seeds": list(cfg.seeds),
+                     "resolution": resolution, "similarity": None if detect_only else cfg.similarity,
+                     "replica_threshold": threshold, "region": cfg.region, "region_quantile": cfg.region_quantile,
+                     "local_threshold": cfg.local_threshold, "be_layers": "default (highest-resolution cross-attention)"},
+        "summary": summary, "ground_truth": truth,
+        "explanation": EXPLAIN_DETECT if detect_only else EXPLAIN_FULL,
+        "records": records,
+    }
+    return report, panels
+
+
+def write_report(out: Path, report: dict, panels: dict[int, bytes]) -> Path:
+    """``out/report.json`` and the self-contained ``out/report.html``; returns the HTML's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.json", json.dumps(jsonable(report), indent=1))
+    return write_atomic(out / "report.html", render_report(report, panels).encode("utf-8"))
 
 
 def render_report(report: dict, panels: dict[int, bytes]) -> str:

@@ -46,6 +46,9 @@ class TrainingSet:
     sample_ids: list[str]
     captions: list[str]
     fingerprint: str             # changes when files, their order or the resolution change
+    # every row's sample id (or, without an id column, its row number as text) -> its image's
+    # position: a flagged repeat of an image finds the image, whichever of its rows was flagged
+    position_of_id: dict[str, int] = field(default_factory=dict, repr=False)
     _dataset: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -124,11 +127,13 @@ def training_set(table, data_cfg, resolution: int) -> TrainingSet:
             stat = path.stat()
             digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
     rows = [first[k] for k in keys]
+    position_of_id = {str(ids[r]) if ids is not None else str(r): p for p, k in enumerate(keys) for r in members[k]}
     return TrainingSet(
         table=table, data_cfg=data_cfg, resolution=resolution, rows=rows, members=[members[k] for k in keys],
         sample_ids=[str(ids[r]) if ids is not None else hashlib.sha1(keys[p].encode()).hexdigest()[:12]
                     for p, r in enumerate(rows)],
-        captions=[str(captions[r] or "") for r in rows], fingerprint=digest.hexdigest()[:16])
+        captions=[str(captions[r] or "") for r in rows], fingerprint=digest.hexdigest()[:16],
+        position_of_id=position_of_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +160,7 @@ def select_probes(cfg, trainset: TrainingSet | None, flagged_ids: Sequence[str] 
     probes: list[Probe] = []
     used: set[int] = set()
     if trainset is not None and flagged_ids:
-        by_id = {sid: p for p, sid in enumerate(trainset.sample_ids)}
+        by_id = {**trainset.position_of_id, **{sid: p for p, sid in enumerate(trainset.sample_ids)}}
         for sid in flagged_ids:
             if len(probes) >= round(total * cfg.flagged_fraction):
                 break

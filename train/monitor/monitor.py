@@ -222,13 +222,18 @@ class Monitor:
             for kind in sorted(set(self.labels.tolist())):
                 rows = self.labels == kind
                 lines.append(f"  {self.cfg.label_column}={kind}: {int(flagged[rows].sum())} of {int(rows.sum())} flagged")
-        top = self.top_flagged(k)
+        top: dict[str, list] = {}  # caption -> [its best row, rows flagged]; repeats share a caption
+        for row in self.top_flagged(50 * k):  # enough rows to find k distinct captions among repeats
+            caption = row.get("caption") or row.get("sample_id") or f"row {row['slot']}"
+            if caption in top:
+                top[caption][1] += 1
+            elif len(top) < k:
+                top[caption] = [row, 1]
         if top:
-            lines.append(f"top {len(top)} by score (score, first flagged at step, caption):")
-            for row in top:
+            lines.append(f"top {len(top)} flagged captions (score, first flagged at step, rows, caption):")
+            for caption, (row, count) in top.items():
                 label = f" [{self.labels[row['slot']]}]" if self.labels is not None else ""
-                caption = row.get("caption") or row.get("sample_id") or f"row {row['slot']}"
-                lines.append(f"  {row['score']:6.2f}  step {row['first_flagged_step']:>6}  {caption}{label}")
+                lines.append(f"  {row['score']:5.2f}  step {row['first_flagged_step']:>6}  {count:>3}x  {caption}{label}")
         return lines
 
     def histograms(self) -> dict[str, np.ndarray]:
