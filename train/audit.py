@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -180,24 +181,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def stratified_probes(cfg: EvalConfig, trainset: TrainingSet) -> list[Probe]:
-    """Random training captions; with a ``group`` column (the testbed), the same share per group,
-    so rare planted groups and the clean ones that calibrate the ground truth are all present."""
-    if "group" not in trainset.table.column_names:
-        return select_probes(cfg, trainset)
-    groups: dict[str, list[int]] = {}
-    for position, row in enumerate(trainset.rows):
-        groups.setdefault(str(trainset.table[row]["group"]), []).append(position)
-    rng = np.random.default_rng(0)
-    order = {g: list(rng.permutation(ps)) for g, ps in sorted(groups.items())}
-    chosen: list[int] = []
-    while len(chosen) < cfg.num_prompts and any(order.values()):
-        for g in sorted(order):
-            if order[g] and len(chosen) < cfg.num_prompts:
-                chosen.append(int(order[g].pop(0)))
-    return [Probe(trainset.captions[p], "train", trainset.sample_ids[p], trainset.rows[p]) for p in chosen]
-
-
 def probes_for(args, cfg: EvalConfig, trainset: TrainingSet | None) -> list[Probe]:
     if args.prompts:
         prompts = read_prompts(args.prompts)
@@ -210,7 +193,7 @@ def probes_for(args, cfg: EvalConfig, trainset: TrainingSet | None) -> list[Prob
         return probes
     if trainset is None:
         raise AuditError("--detect-only without --data needs --prompts FILE")
-    return stratified_probes(cfg, trainset)
+    return select_probes(cfg, trainset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,9 +224,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for report.json and report.html")
     p.add_argument("--detect-only", action="store_true", help="no training images: magnitude and BE signals only")
     p.add_argument("--prompts", help="file with one prompt per line (default: training captions)")
-    p.add_argument("--num-prompts", type=int, default=64, help="prompts to audit")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized defaults: 16 prompts, 25 DDIM steps (instead of 64 and 50)")
+    p.add_argument("--num-prompts", type=int, help="prompts to audit (default: 64, --quick 16)")
+    p.add_argument("--stratify", default="group",
+                   help="a data column (e.g. ground truth) whose values get equal shares of the prompts, when present")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt (seeds 0..K-1)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: 50, --quick 25)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (> 1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resolution", type=int, help="image side (default: the data's, else the model's)")
@@ -254,7 +241,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default="~/.cache/copyguard/eval-features", help="cached training features")
     p.add_argument("--num-cases", type=int, default=12, help="worst cases shown as images")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.num_prompts = args.num_prompts or (16 if args.quick else 64)
+    args.steps = args.steps or (25 if args.quick else 50)
+    return args
+
+
+@torch.no_grad()
+def estimated_seconds(pipe, cfg: EvalConfig, generations: int, resolution: int, device) -> float:
+    """About how long the generations take here: one timed UNet call at the batch size (with the
+    unconditional half of guidance), times the calls the audit will make."""
+    batch = max(1, min(cfg.batch_size, generations))
+    side = resolution // pipe.vae_scale_factor
+    x = torch.randn(2 * batch, pipe.unet.config.in_channels, side, side, device=device, dtype=pipe.unet.dtype)
+    text = torch.zeros(2 * batch, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim,
+                       device=device, dtype=pipe.unet.dtype)
+    pipe.unet(x, torch.tensor([10], device=device), text)  # the first call pays one-off costs
+    start = time.perf_counter()
+    pipe.unet(x, torch.tensor([10], device=device), text)
+    return (time.perf_counter() - start) * cfg.steps * -(-generations // batch)
 
 
 def eval_config(args) -> EvalConfig:
@@ -262,7 +267,7 @@ def eval_config(args) -> EvalConfig:
                      guidance_scale=args.guidance, batch_size=args.batch_size, similarity=args.similarity,
                      sscd_model=args.sscd_model, replica_threshold=args.replica_threshold, region=args.region,
                      feature_cache=args.cache_dir, num_panels=args.num_cases, flagged_fraction=0.0,
-                     heldout_fraction=0.0)
+                     heldout_fraction=0.0, stratify_column=args.stratify)
     validate_eval(cfg)
     return cfg
 
@@ -305,7 +310,11 @@ def audit(args) -> Path:
     if not args.detect_only:
         judge = Judge(cfg, trainset, cfg.feature_cache, accelerator, accelerator.device)
         annotate = TruthAnnotator(trainset) if has_truth(trainset) else None
-    log.info("auditing %s: %d prompts x %d seeds at %d px", what, len(probes), len(cfg.seeds), resolution)
+    generations = len(probes) * len(cfg.seeds)
+    eta = estimated_seconds(pipe, cfg, -(-generations // accelerator.num_processes), resolution, accelerator.device)
+    log.info("auditing %s: %d prompts x %d seeds at %d px, %d DDIM steps: about %.0f s of generation here%s",
+             what, len(probes), len(cfg.seeds), resolution, cfg.steps, eta,
+             "" if args.quick or eta < 600 else " (--quick: 16 prompts, 25 steps)")
     result = evaluate_probes(cfg, pipe, probes, height=resolution, width=resolution, judge=judge,
                              accelerator=accelerator, progress=not args.no_progress, annotate=annotate,
                              num_panels=args.num_cases)

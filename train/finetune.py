@@ -600,10 +600,24 @@ def summary_text(out: Path, monitor: Optional[Monitor], cfg: DictConfig) -> str:
         judged = int(metrics.get("eval/num_generations", 0))
         lines.append(f"eval at {folder.name}: {judged} generations; replicas {_pct(metrics.get('eval/replica_rate'))}, "
                      f"local replicas {_pct(metrics.get('eval/local_replica_rate'))}")
+        if (folder / "report.json").is_file():
+            lines += _truth_lines(json.loads((folder / "report.json").read_text()))
         if (folder / "report.html").is_file():
             lines.append(f"audit report (generations next to their nearest training images): {folder / 'report.html'}")
     lines += [f"pipeline: {out / 'final'}", f"metrics: {out / 'metrics.jsonl'}", ""]
     return "\n".join(lines)
+
+
+def _truth_lines(report: dict) -> list[str]:
+    """Per ground-truth group of the probe prompts: how many generations copy (the report's
+    ground-truth verdicts: the planted image for global rows, the stamp for local ones)."""
+    groups: dict[str, list[bool]] = {}
+    for r in report.get("records", []):
+        truth = r.get("truth") or {}
+        if truth.get("group"):
+            groups.setdefault(truth["group"], []).append(bool(truth.get("replica") or truth.get("local_replica")))
+    return [f"  prompts of {group} rows: {sum(v)} of {len(v)} generations copy (ground truth)"
+            for group, v in sorted(groups.items())]
 
 
 def _pct(value) -> str:

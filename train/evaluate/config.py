@@ -22,6 +22,7 @@ class EvalConfig:
     flagged_fraction: float = 0.5
     heldout_fraction: float = 0.25
     heldout_prompts: list[str] = field(default_factory=list)  # prompts never trained on
+    stratify_column: Optional[str] = None  # random captions drawn in equal shares per value of this column
 
     # Sampling: DDIM with classifier-free guidance (needed: the magnitude is cond - uncond).
     seeds: list[int] = field(default_factory=lambda: [0])  # one generation per prompt and seed

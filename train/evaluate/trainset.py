@@ -151,6 +151,24 @@ class Probe:
     row: int | None = None        # its table row (ground-truth masks, own image)
 
 
+def _random_order(trainset: TrainingSet, seed: int, column: str | None) -> list[int]:
+    """Distinct images in a seeded random order; with ``column`` (e.g. a ground-truth ``group``),
+    round-robin over its values, so rare groups get the same share as common ones."""
+    rng = np.random.default_rng(seed)
+    if not column or column not in trainset.table.column_names:
+        return [int(p) for p in rng.permutation(len(trainset))]
+    groups: dict[str, list[int]] = {}
+    for position, row in enumerate(trainset.rows):
+        groups.setdefault(str(trainset.table[row][column]), []).append(position)
+    order = {g: [int(p) for p in rng.permutation(ps)] for g, ps in sorted(groups.items())}
+    out: list[int] = []
+    while any(order.values()):
+        for g in sorted(order):
+            if order[g]:
+                out.append(order[g].pop(0))
+    return out
+
+
 def select_probes(cfg, trainset: TrainingSet | None, flagged_ids: Sequence[str] = (),
                   heldout_prompts: Sequence[str] = (), seed: int = 0) -> list[Probe]:
     """``cfg.num_prompts`` probes: the top flagged samples (``flagged_ids``, most suspicious
@@ -172,8 +190,7 @@ def select_probes(cfg, trainset: TrainingSet | None, flagged_ids: Sequence[str] 
     heldout = list(dict.fromkeys([*cfg.heldout_prompts, *heldout_prompts]))
     probes += [Probe(p, "heldout") for p in heldout[:round(total * cfg.heldout_fraction)]]
     if trainset is not None:
-        rng = np.random.default_rng(seed)
-        for position in rng.permutation(len(trainset)):
+        for position in _random_order(trainset, seed, getattr(cfg, "stratify_column", None)):
             if len(probes) >= total:
                 break
             if int(position) not in used and trainset.captions[position]:
