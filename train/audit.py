@@ -38,6 +38,7 @@ from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
 from train.evaluate.truth import TruthAnnotator, has_truth, score_against_truth
 from train.models import ModelError, check_diffusers_folder, init_unet_from, load_components
+from train.util import quiet_libraries
 
 log = logging.getLogger("copyguard.audit")
 
@@ -344,6 +345,7 @@ def audit(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:

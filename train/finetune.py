@@ -35,7 +35,7 @@ from train.mitigate import BuildContext, Mitigations, MitigationStep, build_miti
 from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
 from train.monitor.monitor import LEDGER_FILE, Monitor, StepRecord
 from train.tracking import Tracker
-from train.util import ConfigError, build_once, seed_of
+from train.util import ConfigError, build_once, quiet_libraries, seed_of
 
 log = logging.getLogger("copyguard")
 
@@ -622,32 +622,6 @@ def _truth_lines(report: dict) -> list[str]:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def quiet_libraries() -> None:
-    """Library chatter that tells a copyguard user nothing (float32 casting notes, weight-loading
-    bars, DeepSpeed's accelerator guess, torchvision fallbacks) is silenced; their errors and
-    copyguard's own lines stay."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-    # DeepSpeed logs its accelerator guess while it is imported, on a logger it configures itself:
-    # a filter set on that logger beforehand survives its setup
-    logging.getLogger("DeepSpeed").addFilter(lambda record: "accelerator to" not in record.getMessage())
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -151,3 +151,35 @@ def range_text(ge: Any, gt: Any, le: Any, lt: Any) -> str:
 def in_range(value: Any, ge: Any, gt: Any, le: Any, lt: Any) -> bool:
     return ((ge is None or value >= ge) and (gt is None or value > gt)
             and (le is None or value <= le) and (lt is None or value < lt))
+
+
+# --------------------------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    """Library chatter that tells a copyguard user nothing (float32 casting notes, weight-loading
+    bars, DeepSpeed's accelerator guess, torchvision fallbacks) is silenced; their errors and
+    copyguard's own lines stay."""
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    # DeepSpeed logs its accelerator guess while it is imported, on a logger it configures itself:
+    # a filter set on that logger beforehand survives its setup
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "accelerator to" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint
