@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data.testbed import build_testbed, caption_token_count, ensure_testbed, testbed_path  # noqa: E402
+from data.testbed import build_testbed, caption_token_count, ensure_testbed, testbed_path as cached_testbed_path  # noqa: E402
 from train.evaluate.measures import (  # noqa: E402
     PixelFeatures,
     calibrate_threshold,
@@ -289,7 +289,7 @@ def test_cli_with_a_knobs_file_builds_what_the_cache_holds(tmp_path, capsys):
     knobs.write_text("resolution: 16\n" + "".join(f"{k}: {v}\n" for k, v in (TINY | {"n_clean": 30}).items()))
     assert main(["--config", str(knobs), "--out", str(tmp_path / "out"), "--n-clean", str(TINY["n_clean"])]) == 0
     assert json.loads(capsys.readouterr().out)["train_rows"] == read_manifest(tmp_path / "out")["counts"]["train_rows"]
-    expected = testbed_path(tmp_path / "cache", resolution=16, **TINY)
+    expected = cached_testbed_path(tmp_path / "cache", resolution=16, **TINY)
     assert not expected.exists()
     assert ensure_testbed(tmp_path / "cache", resolution=16, **TINY) == expected
     assert all_files(tmp_path / "out") == all_files(expected)

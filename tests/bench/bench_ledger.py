@@ -2,7 +2,8 @@
 
 Not a test. Run:  python tests/bench/bench_ledger.py --samples 100000000 [--batch 1024]
 Builds a synthetic ledger with the default 8 signals, updates it with random gathered batches,
-saves it the way checkpoints do (safetensors) and loads it back memory-mapped.
+saves it the way checkpoints do (safetensors) and loads it back memory-mapped, and times one pass of
+the ground-truth detection scoring (AUC per kind, as the monitor runs every detection_every log lines).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from train.monitor.detection import detection_by_kind  # noqa: E402
 from train.monitor.ledger import FlagPolicy, Ledger  # noqa: E402
 from train.monitor.signals import SIGNALS  # noqa: E402
 
@@ -45,6 +47,11 @@ def main() -> None:
         t0 = time.perf_counter()
         ledger.update(slots, z, step)
         times.append(time.perf_counter() - t0)
+    # the monitor's ground-truth scoring (monitor.label_column): one pass over the whole ledger
+    labels = rng.choice(np.array(["clean", "global", "local"], dtype=object), args.samples, p=[0.9, 0.05, 0.05])
+    t0 = time.perf_counter()
+    detection_by_kind(rng.normal(size=args.samples), labels, "clean")  # every row scored: the worst case
+    detection_s = time.perf_counter() - t0
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
@@ -61,7 +68,8 @@ def main() -> None:
         "samples": args.samples, "signals": len(SIGNALS), "array_bytes_per_sample": arrays / args.samples,
         "arrays_gib": arrays / 2 ** 30, "peak_rss_growth_gib": rss_gib() - before,
         "checkpoint_file_gib": size / 2 ** 30, "save_s": save_s, "load_s": load_s,
-        "update_ms_median_per_batch": 1000 * float(np.median(times)), "batch": args.batch}, indent=1))
+        "update_ms_median_per_batch": 1000 * float(np.median(times)), "batch": args.batch,
+        "detection_s_per_pass": detection_s}, indent=1))
 
 
 if __name__ == "__main__":
