@@ -160,7 +160,7 @@ def caption_bpe_tokenizer(texts: list[str], merges: int):
     """A CLIP tokenizer with ``merges`` byte-level BPE merges learned on ``texts``.
 
     Why: with the byte-level tokenizer a tiny 2-layer text encoder must first assemble words out
-    of characters (~73 tokens per testbed caption, some truncated at 77) and barely tells 1,200
+    of characters (a caption of a dozen words fills most of the 77 tokens) and barely tells
     prompts apart; with merges learned on the captions most words are one token, as in CLIP's
     49k vocabulary. Same conventions as :func:`byte_level_tokenizer` (byte alphabet first, so
     nothing is unknown; word-end ``</w>`` forms; BOS/EOS last). Words are split exactly as the

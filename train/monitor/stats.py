@@ -1,7 +1,7 @@
 """Running population statistics per (timestep bin, prompt-length bin), to normalize signals.
 
 Attention and loss depend strongly on the noise level, and attention over tokens on how many real
-tokens a caption has (a pilot saw token count alone "detect" a group with AUC 0.98). A sample is
+tokens a caption has (token count alone can "detect" a group whose captions are longer). A sample is
 therefore compared with samples at similar t and of similar caption length: z = (x - mean) / std of
 its bin. Bins merge each batch with Chan's parallel update, with the past's weight capped at
 ``horizon`` observations so the statistics follow the model as it trains. Updated with gathered
