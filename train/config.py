@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
 from train.evaluate.config import EvalConfig, validate_eval
-from train.models import ModelConfig
+from train.models import LoraConfig, ModelConfig
 from train.monitor.config import MonitorConfig
 from train.util import ConfigError, bounded, choice, in_range, range_text
 
@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = bounded(None, ge=1)
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     on_nonfinite: str = choice("error", "skip")  # skip: every rank skips the same step
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train.lora.rank > 0: LoRA fine-tuning
 
 
 @dataclass
@@ -238,6 +239,8 @@ def validate(cfg: DictConfig) -> None:
                           "weights: set one of them")
     if t.resume is not None and cfg.overwrite:
         raise ConfigError("train.resume continues the run in output_dir; overwrite=true moves it aside: set one")
+    if t.lora.rank and t.text_encoder:
+        raise ConfigError("train.lora trains adapters on the UNet only: set train.text_encoder=false")
     if v.every > 0 and not v.prompts:
         raise ConfigError("validation.every > 0 needs validation.prompts")
     mon = cfg.monitor

@@ -32,7 +32,8 @@ from train.config import parse_args, save_config
 from train.evaluate.hook import run_eval_hook
 from train.evaluate.validation import validation_images
 from train.mitigate import BuildContext, Mitigations, MitigationStep, build_mitigations
-from train.models import ModelError, freeze, load_components, save_pipeline, unet_fingerprint, weight_dtype
+from train.models import (ModelError, add_lora, freeze, load_components, merged_unet, save_lora, save_pipeline,
+                          trainable_parameters, unet_fingerprint, weight_dtype)
 from train.monitor.monitor import LEDGER_FILE, Monitor, StepRecord
 from train.tracking import Tracker
 from train.util import ConfigError, build_once, quiet_libraries, seed_of
@@ -196,6 +197,8 @@ def build_models(cfg: DictConfig, accelerator) -> Models:
         parts = load_components(cfg.model, cfg.data.resolution)  # the first process builds a preset
     text_encoder, vae, unet = parts.text_encoder, parts.vae, parts.unet
     dtype = weight_dtype(tcfg.mixed_precision)
+    if tcfg.lora.rank:  # the base stays frozen; only the adapters train
+        add_lora(unet, tcfg.lora, seed_of(cfg.seed, "lora"))
     freeze(vae)
     vae.to(device, dtype=dtype)
     if tcfg.text_encoder:
@@ -215,10 +218,12 @@ def build_models(cfg: DictConfig, accelerator) -> Models:
     if tcfg.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(unet.parameters(), decay=tcfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        # over what trains: the whole UNet, or only a LoRA's adapters
+        ema = EMAModel(trainable_parameters(unet), decay=tcfg.ema_decay,
+                       **({} if tcfg.lora.rank else {"model_cls": type(unet), "model_config": unet.config}))
         ema.to(device)
     trained = [unet] + ([text_encoder] if tcfg.text_encoder else [])
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    params = [p for m in trained for p in trainable_parameters(m)]
     optimizer = build_optimizer(params, tcfg)
     lr_scheduler = build_lr_scheduler(optimizer, tcfg)
     plugin = accelerator.state.deepspeed_plugin
@@ -516,7 +521,7 @@ def run(cfg: DictConfig) -> Path:
         # one optimizer step done
         m.lr_scheduler.step()
         if m.ema is not None:
-            m.ema.step(m.unet.parameters())
+            m.ema.step(trainable_parameters(m.unet))
         state.step += 1
         window.steps += 1
         progress.update(1)
@@ -548,7 +553,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.validation.prompts and not (cfg.validation.every and state.step % cfg.validation.every == 0):
         validation_images(cfg.validation, cfg.data.resolution, accelerator, m.parts, m.unet, m.text_encoder, m.ema,
                           m.dtype, state.step, out, tracker)
-    save_final(accelerator, m, zero_stage, tcfg.text_encoder, out)
+    save_final(accelerator, m, zero_stage, tcfg.text_encoder, out, tcfg.lora.save_merged)
     if accelerator.is_main_process:
         print(summary_text(out, monitor, cfg), flush=True)
     tracker.finish()
@@ -561,7 +566,8 @@ def run(cfg: DictConfig) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool, out: Path) -> None:
+def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool, out: Path,
+               save_merged: bool = True) -> None:
     """``<run>/final``: a whole diffusers pipeline (EMA weights when EMA is on), published atomically."""
     state_dict = accelerator.get_state_dict(m.unet) if zero_stage == 3 else None  # a collective under ZeRO-3
     accelerator.wait_for_everyone()
@@ -571,7 +577,7 @@ def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool
             model = type(model).from_config(model.config)
             model.load_state_dict(state_dict)
         if m.ema is not None:
-            m.ema.copy_to(model.parameters())
+            m.ema.copy_to(trainable_parameters(model))
         encoder = accelerator.unwrap_model(m.text_encoder) if train_text_encoder else m.parts.text_encoder
         final = out / "final"
         if final.exists():
@@ -581,8 +587,16 @@ def save_final(accelerator, m: Models, zero_stage: int, train_text_encoder: bool
         model = model.to(torch.float32)
         m.parts.vae.to(torch.float32)
         encoder.to(torch.float32)
-        build_once(final, "model_index.json", lambda tmp: save_pipeline(m.parts, model, encoder, tmp))
-        log.info("saved the final pipeline to %s", final)
+        lora = bool(getattr(model, "peft_config", None))
+
+        def write(tmp: Path) -> None:
+            if lora:  # the adapters for load_lora_weights; the merged pipeline on request
+                save_lora(model, tmp / "lora")
+            if save_merged or not lora:
+                save_pipeline(m.parts, merged_unet(model) if lora else model, encoder, tmp)
+
+        build_once(final, "model_index.json" if save_merged or not lora else "lora", write)
+        log.info("saved the final %s to %s", "LoRA adapters" if lora and not save_merged else "pipeline", final)
     accelerator.wait_for_everyone()
 
 

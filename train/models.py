@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.util import build_once, choice
+from train.util import bounded, build_once, choice
 
 log = logging.getLogger(__name__)
 
@@ -326,12 +326,72 @@ def save_pipeline(components: Components, unet, text_encoder, out_dir: str | os.
 
 
 def unet_fingerprint(unet) -> dict:
-    """What must match for a checkpoint to resume into this model."""
+    """What must match for a checkpoint to resume into this model (LoRA adapters included)."""
     config = dict(unet.config)
     keep = ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim",
             "in_channels", "out_channels", "layers_per_block", "sample_size", "attention_head_dim")
-    return {k: (list(config[k]) if isinstance(config[k], (list, tuple)) else config[k])
-            for k in keep if k in config}
+    out = {k: (list(config[k]) if isinstance(config[k], (list, tuple)) else config[k]) for k in keep if k in config}
+    peft = getattr(unet, "peft_config", None)
+    if peft:
+        lora = peft["default"]
+        out["lora"] = {"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on the UNet's attention projections (peft, as diffusers' examples)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    rank: int = bounded(0, ge=0)  # 0 = full fine-tuning; r > 0 trains rank-r adapters only
+    alpha: Optional[float] = bounded(None, gt=0.0)  # the adapters' scale is alpha / rank; None = rank
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+    # final/ is also a whole pipeline with the adapters merged (what the audit and from_pretrained
+    # load); false: only final/lora/ (the adapters, for load_lora_weights on the base model)
+    save_merged: bool = True
+
+
+def add_lora(unet, cfg: DictConfig, seed: int) -> None:
+    """Freeze the UNet and add trainable LoRA adapters to the ``cfg.targets`` layers. Their random
+    init is drawn from ``seed`` alone (peft draws from the global generator, whose state depends
+    on whatever ran before), so every rank and every rerun starts from the same adapters."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
+                                        init_lora_weights="gaussian", target_modules=list(cfg.targets)))
+
+
+def trainable_parameters(model) -> list:
+    """The parameters that train (all of a full fine-tune, the adapters of a LoRA one): what the
+    optimizer, EMA and gradient clipping see."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_lora(unet, out_dir: str | os.PathLike) -> None:
+    """The adapters in the format ``StableDiffusionPipeline.load_lora_weights`` reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+
+
+def merged_unet(unet):
+    """A plain UNet (no adapter modules) whose weights include the adapters: a copy, so the
+    model being trained keeps its adapters."""
+    import copy
+
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged
 
 
 def weight_dtype(mixed_precision: str) -> torch.dtype:

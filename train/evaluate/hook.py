@@ -27,6 +27,7 @@ from train.evaluate.report import build_report, write_report
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.truth import TruthAnnotator, has_truth, score_against_truth
 from train.evaluate.trainset import Probe, TrainingSet, select_probes, training_set
+from train.models import trainable_parameters
 from train.util import jsonable
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ def _ema_weights(model, ema):
     if ema is None:
         yield
         return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    params = trainable_parameters(model)  # what the EMA averages (a LoRA's adapters, or everything)
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(model.parameters())
+        ema.restore(params)
 
 
 class EvalHook:
