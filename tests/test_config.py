@@ -66,6 +66,7 @@ def test_later_files_and_overrides_win(tmp_path):
     (["train.max_grad_norm=nan"], r"train\.max_grad_norm=nan must be a finite number"),
     (["data.on_bad_sample=ignore"], r"data\.on_bad_sample='ignore' is not allowed; choose one of 'skip', 'error'"),
     (["train.resume=latest", "overwrite=true"], r"overwrite=true moves it aside"),
+    (["train.mixed_precision=no"], r"mixed_precision='False' is not allowed.*quote it"),
     (["trainlr=1"], r"not of the form|unknown config key 'trainlr'"),
 ])
 def test_incompatible_or_bad_settings_fail_at_start(overrides, message):

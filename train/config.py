@@ -213,7 +213,9 @@ def check_fields(node: DictConfig, kind: type, prefix: str = "") -> None:
             continue
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             allowed = ", ".join(repr(c) if c is not None else "null" for c in f.metadata["choices"])
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+            hint = (" (YAML reads a bare yes/no/on/off as true/false: quote it, e.g. key='no')"
+                    if str(value) in ("True", "False") else "")
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {allowed}{hint}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
         if "range" in f.metadata and value is not None and not in_range(value, *f.metadata["range"]):

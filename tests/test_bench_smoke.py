@@ -1,0 +1,23 @@
+"""The GPU benchmark keeps working: CI runs it at the tiny size on CPU (its numbers mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_bench_gpu_runs_at_tiny_size_and_prints_its_table():
+    cmd = [sys.executable, str(REPO / "tests" / "bench" / "bench_gpu.py"), "--size", "tiny", "--batch", "4",
+           "--steps", "4", "--warmup", "1", "--every", "1", "--repeats", "1", "--workers", "0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| reference", "| copyguard-off", "| copyguard-on"]
+    summary = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
+    assert summary["results"]["reference"]["speed_vs_reference"] == 1.0
+    assert all(r["step_ms"] > 0 and r["rss_gb"] > 0 for r in summary["results"].values())
