@@ -109,3 +109,16 @@ def test_free_form_dict_sections_accept_their_own_keys(tmp_path):
     assert cfg.monitor.signal_weights["loss"] == 2.0
     with pytest.raises(ConfigError, match="monitor.signal_weight"):
         load_config(overrides=["monitor.signal_weight.loss=2.0"])
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd21"])
+def test_real_checkpoint_configs_undo_the_embedded_demo(model):
+    """Layered over the demo base, a real fine-tune must not inherit its data filter, its
+    ground-truth column, its end-of-run eval or its text-encoder training."""
+    from train.config import REPO_ROOT
+
+    cfg = load_config([str(REPO_ROOT / "configs" / "model" / f"{model}.yaml")], ["data.path=/data/mine"],
+                      base=REPO_ROOT / "configs" / "base.yaml")
+    assert cfg.data.filter_column is None and cfg.monitor.label_column is None and cfg.eval.every == 0
+    assert not cfg.train.text_encoder and cfg.eval.stratify_column is None
+    assert set(cfg.monitor.signal_weights.values()) == {1.0} and cfg.monitor.flag.policy == "zscore"
