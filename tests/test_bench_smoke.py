@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -19,5 +20,6 @@ def test_bench_gpu_runs_at_tiny_size_and_prints_its_table():
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in table[2:]] == ["| reference", "| copyguard-off", "| copyguard-on"]
     summary = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:])
-    assert summary["results"]["reference"]["speed_vs_reference"] == 1.0
-    assert all(r["step_ms"] > 0 and r["rss_gb"] > 0 for r in summary["results"].values())
+    for r in summary["results"].values():  # every configuration trained and was timed and measured
+        assert r["step_ms"] > 0 and r["rss_gb"] > 0
+        assert r["samples_per_s"] == pytest.approx(4 / (r["step_ms"] / 1000))  # batch 4

@@ -75,3 +75,12 @@ def test_the_trainer_with_every_sample_of_one_rank_dropped_keeps_ddp_in_step(tmp
     assert all(r["mitig/mean_weight"] == 0.5 and r["mitig/dropped_share"] == 0.5 for r in logged)
     assert all(r["dist/weights_divergence"] == 0.0 for r in rows if "dist/weights_divergence" in r)
     assert (run / "final" / "model_index.json").is_file()
+
+
+def test_a_mitigation_must_say_when_it_is_active():
+    class Incomplete(Mitigation):  # no active(): the loop could not tell whether to build it
+        name = "incomplete"
+        Config = DropRankConfig
+
+    with pytest.raises(TypeError, match="active"):
+        Incomplete(None, None)

@@ -162,6 +162,8 @@ def claim_output_dir(cfg: DictConfig, out: Path, accelerator) -> None:
         accelerator.wait_for_everyone()  # every rank has looked before the folder moves
         if accelerator.is_main_process:
             aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            while aside.exists():  # two overwrites within a second: never rename onto a kept run
+                aside = aside.with_name(aside.name + "-1")
             os.replace(out, aside)
             log.warning("overwrite=true: the run that was in %s is now in %s", out, aside)
     accelerator.wait_for_everyone()
@@ -342,7 +344,7 @@ def gather_strings(accelerator, items: list[str]) -> list[str]:
 
 def train_micro_batch(cfg: DictConfig, accelerator, m: Models, batch: dict, state: TrainState, rng: torch.Generator,
                       monitor: Optional[Monitor], mitigations: Mitigations, window: Window) -> None:
-    """Steps 2-7 of a micro-batch (DESIGN.md "How a batch flows"); every rank runs the same
+    """Steps 2-7 of a micro-batch (docs/architecture.md, "The step"); every rank runs the same
     forward and backward whatever its samples' weights."""
     tcfg, device, scheduler = cfg.train, accelerator.device, m.parts.noise_scheduler
     pixel_values = batch["pixel_values"].to(device, dtype=m.dtype, non_blocking=True)

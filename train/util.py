@@ -83,6 +83,18 @@ def write_atomic(path: Union[str, os.PathLike], content: Union[str, bytes, Calla
     return path
 
 
+def write_array(path: Union[str, os.PathLike], array: Any) -> Path:
+    """A numpy array as ``.npy``, atomically and without pickles (np.save given a file object: a
+    path would get ``.npy`` appended to the temporary name)."""
+    import numpy as np
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return write_atomic(path, save)
+
+
 def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
     """Return ``target``, building it with ``build(tmp_dir)`` first unless ``target/marker`` exists.
     Concurrent builders (ranks, parallel jobs) race safely: the first rename wins."""

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from train.evaluate.measures import nearest
-from train.util import write_atomic
+from train.util import write_array
 
 log = logging.getLogger(__name__)
 
@@ -345,5 +345,5 @@ def feature_bank(backend: SimilarityBackend, fingerprint: str, count: int,
     bank = np.concatenate([p for _, p in parts]).astype(np.float32)
     if path is not None and (accelerator is None or accelerator.is_main_process):
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: np.save(open(tmp, "wb"), bank))
+        write_array(path, bank)
     return bank

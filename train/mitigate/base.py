@@ -18,6 +18,7 @@ Adding one: a file with its config dataclass and its class, and a line in ``REGI
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -49,16 +50,17 @@ class BuildContext:
     cache_dir: str
 
 
-class Mitigation:
-    """Base class: subclasses set ``name`` and ``Config`` and override the hooks they need."""
+class Mitigation(abc.ABC):
+    """Base class: subclasses set ``name`` and ``Config``, say when they are ``active`` (the one
+    required method: a subclass without it cannot be instantiated), and override the hooks they need."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
 
     @classmethod
+    @abc.abstractmethod
     def active(cls, cfg: DictConfig) -> bool:
         """Whether ``cfg`` (this mitigation's section) turns it on; inactive ones are not built."""
-        raise NotImplementedError
 
     @classmethod
     def check(cls, cfg: DictConfig, run_cfg: DictConfig) -> Optional[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
 from train.mitigate.base import BuildContext, Mitigation, MitigationStep
-from train.util import bounded, choice, seed_of, write_atomic
+from train.util import bounded, choice, seed_of, write_array
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _cached(cache_dir: Path, key: str, compute) -> np.ndarray:
         return np.load(cache, allow_pickle=False)
     weights = np.asarray(compute(), dtype=np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, lambda tmp: np.save(open(tmp, "wb"), weights, allow_pickle=False))
+    write_array(cache, weights)
     return weights
 
 
