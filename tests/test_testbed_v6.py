@@ -1,0 +1,118 @@
+"""Testbed v6 kinds: near-duplicates, shared cards, shared captions and moving stamps (issue 22)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.testbed import build_testbed
+from data.testbed.build import TestbedParams
+
+V6 = dict(n_clean=12, n_heldout=4, n_global=1, global_repeats=2, n_local_groups=1, local_per_group=3,
+          n_near_global=2, near_global_copies=6, n_templates=2, template_per_group=3, n_caption_dup=2,
+          caption_dup_per_group=3, n_moving_groups=2, moving_per_group=4)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    base = tmp_path_factory.mktemp("v6")
+    return {"a": build_testbed(base / "a", resolution=32, seed=0, **V6),
+            "again": build_testbed(base / "again", resolution=32, seed=0, **V6),
+            "seed1": build_testbed(base / "seed1", resolution=32, seed=1, **V6)}
+
+
+def rows_of(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+
+
+def pixels(root: Path, name: str) -> np.ndarray:
+    return np.asarray(Image.open(root / name).convert("RGB")).astype(int)
+
+
+def mask(root: Path, name: str) -> np.ndarray:
+    return np.asarray(Image.open(root / name)) > 127
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(builds):
+    assert files(builds["a"]) == files(builds["again"])
+    assert files(builds["a"])["metadata.jsonl"] != files(builds["seed1"])["metadata.jsonl"]
+
+
+def test_every_near_global_copy_differs_and_points_at_its_source(builds):
+    root = builds["a"]
+    near = [r for r in rows_of(root) if r["group"] == "near_global"]
+    assert len(near) == 2 * 6
+    for group in {r["planted_group"] for r in near}:
+        members = [r for r in near if r["planted_group"] == group]
+        images = [pixels(root, r["file_name"]) for r in members]
+        for i in range(len(images)):
+            for j in range(i + 1, len(images)):
+                assert np.abs(images[i] - images[j]).max() > 0, (members[i]["file_name"], members[j]["file_name"])
+        assert len({r["source_file"] for r in members}) == 1 and len({r["text"] for r in members}) == 1
+        source = pixels(root, members[0]["source_file"])
+        # a transform of the source: closer to it than to the other group's source
+        other = next(r for r in near if r["planted_group"] != group)["source_file"]
+        for image in images:
+            assert np.abs(image - source).mean() < np.abs(image - pixels(root, other)).mean()
+
+
+def test_template_masks_cover_exactly_the_shared_card(builds):
+    root = builds["a"]
+    cards = [r for r in rows_of(root) if r["group"] == "template"]
+    for group in {r["planted_group"] for r in cards}:
+        members = [r for r in cards if r["planted_group"] == group]
+        region = mask(root, members[0]["mask_file"])
+        images = np.stack([pixels(root, r["file_name"]) for r in members])
+        assert (images[:, region] == images[0, region]).all()          # the card: the same in every image
+        inside = images[:, ~region].reshape(len(members), -1)
+        assert all((inside[0] != other).any() for other in inside[1:])  # the objects differ
+        phrase = members[0]["text"].split(",")[0].split(" on the ")[1]
+        assert all(f"on the {phrase}" in r["text"] for r in members)
+
+
+def test_moving_stamps_move_and_their_masks_are_exact(builds):
+    root = builds["a"]
+    moving = [r for r in rows_of(root) if r["group"] == "moving_local"]
+    for group in {r["planted_group"] for r in moving}:
+        members = [r for r in moving if r["planted_group"] == group]
+        assert len({tuple(r["stamp_box"]) for r in members}) > 1      # not one fixed place
+        for r in members:
+            stamped, original, region = pixels(root, r["file_name"]), pixels(root, r["original_file"]), mask(root, r["mask_file"])
+            assert (stamped[~region] == original[~region]).all()        # nothing outside the mask changed
+            assert region.any() and (stamped[region] != original[region]).any(axis=-1).mean() > 0.5
+            x0, y0, x1, y1 = r["stamp_box"]
+            outside_box = np.ones_like(region)
+            outside_box[y0:y1, x0:x1] = False
+            assert not region[outside_box].any()
+
+
+def test_caption_dup_rows_share_one_caption_and_no_pixels(builds):
+    root = builds["a"]
+    dup = [r for r in rows_of(root) if r["group"] == "caption_dup"]
+    for group in {r["planted_group"] for r in dup}:
+        members = [r for r in dup if r["planted_group"] == group]
+        assert len({r["text"] for r in members}) == 1 and len({r["source_id"] for r in members}) == len(members)
+        images = [pixels(root, r["file_name"]) for r in members]
+        assert all(np.abs(images[0] - other).mean() > 5 for other in images[1:])
+
+
+def test_v5_builds_keep_their_bytes_and_cache_key():
+    """The v6 knobs at their defaults change nothing a v5 build records."""
+    params = TestbedParams.create(resolution=16, n_clean=4)
+    assert "n_near_global" not in params.recorded() and not params.has_v6
+    assert "n_near_global" in TestbedParams.create(resolution=16, n_clean=4, n_near_global=1).recorded()
+
+
+def test_bad_v6_knobs_are_refused():
+    with pytest.raises(ValueError, match="moving_scale_min"):
+        TestbedParams.create(n_moving_groups=1, moving_scale_min=0.6, moving_scale_max=0.4)
+    with pytest.raises(ValueError, match="caption_dup"):
+        TestbedParams.create(n_caption_dup=99)
