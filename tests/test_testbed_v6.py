@@ -116,3 +116,56 @@ def test_bad_v6_knobs_are_refused():
         TestbedParams.create(n_moving_groups=1, moving_scale_min=0.6, moving_scale_max=0.4)
     with pytest.raises(ValueError, match="caption_dup"):
         TestbedParams.create(n_caption_dup=99)
+
+
+def test_replica_judgement_on_hand_made_generations(builds):
+    """A transformed copy (or the untransformed source) of a near-duplicate group is a replica of it;
+    an image that shares only the card is a local replica, not a global one; any image of a shared
+    caption counts; a moving stamp pasted on another picture is a local replica at its own place."""
+    from launch.testbed.evaluate import score, select_prompts
+    from launch.testbed.reading import load_image
+
+    root = builds["a"]
+    prompts = select_prompts(root, local_per_group=2, n_clean=4, n_calibration=4)
+    rows = rows_of(root)
+    by_group = lambda group: [r for r in rows if r["group"] == group]  # noqa: E731
+    first = {}
+    cases = []  # (prompt index, image, expected replica, expected local replica)
+    for p, prompt in enumerate(prompts):
+        if prompt.role == "calibration":
+            cases.append((p, load_image(root, prompt.file_name), None, None))
+            continue
+        if prompt.group == "near_global" and prompt.planted_group not in first:
+            first[prompt.planted_group] = p
+            members = [r for r in by_group("near_global") if r["planted_group"] == prompt.planted_group]
+            cases.append((p, load_image(root, members[-1]["file_name"]), True, False))   # another transform
+            cases.append((p, load_image(root, members[0]["source_file"]), True, False))  # the source picture
+        elif prompt.group == "template":
+            other = next(r for r in by_group("template")
+                         if r["planted_group"] == prompt.planted_group and r["file_name"] != prompt.file_name)
+            cases.append((p, load_image(root, other["file_name"]), False, True))
+        elif prompt.group == "caption_dup":
+            other = next(r for r in by_group("caption_dup")
+                         if r["planted_group"] == prompt.planted_group and r["file_name"] != prompt.file_name)
+            cases.append((p, load_image(root, other["file_name"]), True, False))
+        elif prompt.group == "moving_local":
+            own = next(r for r in rows if r["file_name"] == prompt.file_name)
+            region = mask(root, own["mask_file"])
+            pasted = load_image(root, by_group("clean")[0]["file_name"]).copy()
+            pasted[region] = load_image(root, own["file_name"])[region]
+            cases.append((p, pasted, False, True))
+            # its own picture without the stamp: a whole-image copy of the row, never a local one
+            cases.append((p, load_image(root, own["original_file"]), True, False))
+        elif prompt.group == "clean":
+            cases.append((p, np.random.default_rng(p).uniform(size=load_image(root, prompt.file_name).shape), False, False))
+    # one generation per (case): every case gets its own prompt slot
+    case_prompts = [prompts[p] for p, *_ in cases]
+    images = np.stack([image for _, image, *_ in cases])[:, None].astype(np.float32)
+    result = score(images, case_prompts, root)
+    checked = 0
+    for gen, (_, _, replica, local) in zip(result["generations"], cases):
+        if replica is None:
+            continue
+        assert (gen["replica"], gen["local_replica"]) == (replica, local), (gen["group"], gen["sample_id"])
+        checked += 1
+    assert checked >= 12 and {"near_global", "template", "caption_dup", "moving_local"} <= set(result["groups"])

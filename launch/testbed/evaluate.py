@@ -21,6 +21,12 @@
      :func:`masked_distance` to the group's stamp; a local-row generation is a local replica
      when its stamp region is closer than that and the whole image is not a replica
      (:func:`is_local_replica`); clean generations are checked against every stamp;
+   * testbed v6 kinds: a near_global or caption_dup generation is a replica when its nearest
+     image (training images plus the near-duplicates' untransformed source pictures) belongs to
+     the prompt's planted group, whichever copy it is; template and moving_local generations are
+     judged like local ones on their own image's card / stamp mask (a card's threshold per card,
+     a moving stamp's per image, as each sits elsewhere); clean generations are checked against
+     every card too (the chance baseline of the template rate);
    * prompt fidelity = :func:`own_rank`: the share of clean training images closer to a clean
      (or held-out) prompt's generation than the prompt's own image (0 = own nearest, ~0.5 = the
      prompt is ignored; ``other_rank_*`` scores against the next prompt's image as a baseline);
@@ -52,7 +58,14 @@ from train.evaluate.measures import (calibrate_threshold, image_kid, masked_dist
 from launch.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
                                   training_images)
 
-GROUP_ORDER = ("global", "local", "clean")  # the scored groups; held-out prompts only calibrate
+# the scored groups (v5's, then v6's where the testbed has them); held-out prompts only calibrate
+GROUP_ORDER = ("global", "near_global", "caption_dup", "local", "template", "moving_local", "clean")
+# whole-image kinds: a generation copying ANY row of its prompt's planted group is a replica
+# (a near-duplicate copies the picture whichever transform it reproduces; a shared caption may
+# bring back any of its images)
+GROUP_KINDS = ("global", "near_global", "caption_dup")
+# region kinds: a local replica reproduces the shared region (stamp, card) of the prompt's own image
+REGION_KINDS = ("local", "template", "moving_local")
 
 
 @dataclass
@@ -65,8 +78,9 @@ class Prompt:
     sample_id: str
     source_id: str
     file_name: str         # the own image (a training image, except for held-out prompts)
-    mask_file: str | None  # local rows: the stamp mask
+    mask_file: str | None  # region kinds: the stamp / card mask
     local_group: int | None
+    planted_group: str | None = None  # v6: the rows copying the same thing
 
 
 def _torch_generator(key: str):
@@ -82,25 +96,29 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
 
 def select_prompts(root: str | Path, local_per_group: int = 6, n_clean: int = 128, n_calibration: int = 100,
                    seed: int = 0) -> list[Prompt]:
-    """Global: one prompt per distinct global image. Local: ``local_per_group`` rows per group.
-    Clean: ``n_clean`` rows, all scored. Calibration: ``n_calibration`` held-out rows."""
+    """Whole-image kinds (global, near_global, caption_dup): one prompt per planted image or shared
+    caption. Region kinds (local, template, moving_local): ``local_per_group`` rows per stamp or
+    card. Clean: ``n_clean`` rows, all scored. Calibration: ``n_calibration`` held-out rows."""
     rows = read_rows(root, split="train")
 
     def prompt(row: dict, role: str = "eval") -> Prompt:
         return Prompt(row["group"], role, row["text"], row["sample_id"], row["source_id"], row["file_name"],
-                      row.get("mask_file"), row.get("local_group"))
+                      row.get("mask_file"), row.get("local_group"), row.get("planted_group"))
 
     prompts: list[Prompt] = []
-    seen: set[str] = set()
-    for row in rows:
-        if row["group"] == "global" and row["source_id"] not in seen:
-            seen.add(row["source_id"])
-            prompts.append(prompt(row))
-    local = [r for r in rows if r["group"] == "local"]
-    for g in sorted({r["local_group"] for r in local}):
-        members = [r for r in local if r["local_group"] == g]
-        pick = _rng(seed, f"local-{g}").permutation(len(members))[:local_per_group]
-        prompts += [prompt(members[int(i)]) for i in sorted(pick)]
+    for kind in GROUP_KINDS:
+        seen: set[str] = set()
+        for row in (r for r in rows if r["group"] == kind):
+            key = row["source_id"] if kind == "global" else row["planted_group"]
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt(row))
+    for kind in REGION_KINDS:
+        members_of = [r for r in rows if r["group"] == kind]
+        for g in sorted({r["local_group"] for r in members_of}):
+            members = [r for r in members_of if r["local_group"] == g]
+            pick = _rng(seed, f"{kind}-{g}").permutation(len(members))[:local_per_group]
+            prompts += [prompt(members[int(i)]) for i in sorted(pick)]
     clean = [r for r in rows if r["group"] == "clean"]
     pick = _rng(seed, "clean").permutation(len(clean))[:n_clean]
     prompts += [prompt(clean[int(i)]) for i in sorted(pick)]
@@ -206,7 +224,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
         raise ValueError(f"score: expected ({len(prompts)}, seeds, H, W, 3) images, got {images.shape}")
     P, S = images.shape[:2]
     flat = images.reshape(P * S, *images.shape[2:])
-    train = training_images(root)
+    train = training_images(root, with_sources=True)
     if train.images.shape[1:] != images.shape[2:]:
         raise ValueError(f"score: generations are {images.shape[2:]}, training images {train.images.shape[1:]}")
     group = np.array([p.group for p in prompts])
@@ -219,6 +237,10 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     result = replica_flags(flat, own, train.images, train.source_ids, np.inf)
     nn_index, nn_distance = result.nn_index.reshape(P, S), result.nn_distance.reshape(P, S)
     nn_is_own = (result.nn_source_id == np.asarray(own, dtype=object)).reshape(P, S)
+    planted = np.asarray(train.planted_groups, dtype=object)
+    for p, prompt in enumerate(prompts):  # whole-image kinds: any row of the planted group is the prompt's own
+        if prompt.group in GROUP_KINDS and prompt.planted_group is not None:
+            nn_is_own[p] |= planted[nn_index[p]] == prompt.planted_group
     # Calibrate on how close held-out prompts come to *clean* training images. A prompt that
     # regurgitates a planted image is leakage of the memorization being measured, not chance
     # similarity; counting it would let memorization lower its own threshold.
@@ -229,23 +251,34 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     threshold = calibrate_threshold(calib_distance, quantile)
     replica = nn_is_own & (nn_distance < threshold)
 
-    stamps = stamps_of(root)  # one (image, mask) per local group
+    # Region thresholds: the same quantile of how close held-out generations come to the region,
+    # per stamp and per card (shared regions), per image for moving stamps (each its own place).
+    stamps, cards = stamps_of(root), stamps_of(root, "template")
     cal_images = images[calib].reshape(-1, *images.shape[2:])
-    region_threshold = {g: calibrate_threshold(masked_distance(cal_images, img, mask), quantile)
-                        for g, (img, mask) in stamps.items()}
+
+    def region_bar(image: np.ndarray, mask: np.ndarray) -> float:
+        return calibrate_threshold(masked_distance(cal_images, image, mask), quantile)
+
+    region_threshold = {g: region_bar(img, mask) for g, (img, mask) in stamps.items()}
+    card_threshold = {g: region_bar(img, mask) for g, (img, mask) in cards.items()}
 
     region_distance = np.full((P, S), np.nan)
     local_replica = np.zeros((P, S), dtype=bool)
     clean_stamp = np.zeros((P, S, max(len(stamps), 1)), dtype=bool)  # clean generation shows stamp g
+    clean_card = np.zeros((P, S, max(len(cards), 1)), dtype=bool)    # ... or card g
     for p, prompt in enumerate(prompts):
-        if prompt.group == "local":
+        if prompt.group in REGION_KINDS:
             own_image = load_image(root, prompt.file_name)
-            mask = load_mask(root, asdict(prompt) | {"group": "local"})
+            mask = load_mask(root, asdict(prompt))
+            bar = (region_threshold[prompt.local_group] if prompt.group == "local" else
+                   card_threshold[prompt.local_group] if prompt.group == "template" else region_bar(own_image, mask))
             region_distance[p] = masked_distance(images[p], own_image, mask)
-            local_replica[p] = (region_distance[p] < region_threshold[prompt.local_group]) & ~replica[p]
+            local_replica[p] = (region_distance[p] < bar) & ~replica[p]
         elif prompt.group == "clean":
             for g, (img, mask) in stamps.items():
                 clean_stamp[p, :, g] = (masked_distance(images[p], img, mask) < region_threshold[g]) & ~replica[p]
+            for g, (img, mask) in cards.items():
+                clean_card[p, :, g] = (masked_distance(images[p], img, mask) < card_threshold[g]) & ~replica[p]
 
     # Prompt fidelity: how many clean training images are closer to a generation than its own
     # image (clean prompts: trained; held-out prompts: never trained). The baseline scores each
@@ -272,7 +305,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                        own_in_top1pct_rate=_rate(fidelity[mask] < 0.01),
                        other_rank_median=float(np.median(baseline[mask])),
                        other_in_top1pct_rate=_rate(baseline[mask] < 0.01))
-        if name == "local":
+        if name in REGION_KINDS:
             out.update(local_replica_rate=_rate(local_replica[mask]),
                        local_replica_rate_any_seed=_rate(local_replica[mask].any(axis=1)),
                        region_distance_median=float(np.nanmedian(region_distance[mask])) if mask.any() else None)
@@ -282,12 +315,14 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                        # the chance baseline of the local group's any-seed rate: one stamp, any of the seeds
                        local_replica_rate_any_seed=_rate(per_stamp.any(axis=1).mean(axis=1)),
                        local_replica_rate_any_stamp=_rate(per_stamp.any(axis=2)))
+        if name == "clean" and cards:  # the chance baseline of the template kind's rate
+            out.update(template_replica_rate=_rate(clean_card[mask].mean(axis=2)))
         return out
 
-    groups = {"global": group_summary("global", group == "global"),
-              "local": group_summary("local", group == "local"),
-              "clean": group_summary("clean", group == "clean"),
-              "heldout_calibration": group_summary("heldout_calibration", calib)}
+    # v5's three groups always (a v5 evaluation reads as before), v6's where the testbed has them
+    groups = {name: group_summary(name, group == name) for name in GROUP_ORDER
+              if name in ("global", "local", "clean") or (group == name).any()}
+    groups["heldout_calibration"] = group_summary("heldout_calibration", calib)
 
     # Quality: all clean-prompt generations vs the held-out images.
     quality: dict[str, Any] = {"extractor": "PixelFeatures (train.evaluate.measures.default_extractor)"}
@@ -315,7 +350,8 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
             })
     return {
         "thresholds": {"quantile": quantile, "replica": threshold,
-                       "region": {str(g): t for g, t in sorted(region_threshold.items())}},
+                       "region": {str(g): t for g, t in sorted(region_threshold.items())},
+                       **({"card": {str(g): t for g, t in sorted(card_threshold.items())}} if cards else {})},
         "groups": groups, "quality": quality,
         "prompts": [asdict(p) for p in prompts], "generations": per_generation,
     }
@@ -362,7 +398,7 @@ def picture_grid(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path
     chosen = []
     for name in GROUP_ORDER:
         members = [i for i, p in enumerate(prompts) if p.group == name and p.role == "eval"]
-        if name == "local":  # spread the rows over the local groups
+        if name in REGION_KINDS:  # spread the rows over the stamps / cards
             by_group: dict[int, list[int]] = {}
             for i in members:
                 by_group.setdefault(prompts[i].local_group, []).append(i)
@@ -469,6 +505,11 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
         "unprompted_global_copy_rate": (result["unprompted"] or {}).get("global_copy_rate"),
         "unprompted_stamp_rate": (result["unprompted"] or {}).get("stamp_rate"),
     }
+    # v6 kinds: the whole-image replica rate of near_global / caption_dup prompts, the region
+    # (local) replica rate of template / moving_local prompts
+    for kind in ("near_global", "caption_dup", "template", "moving_local"):
+        if kind in g:
+            summary[f"{kind}_replica_rate"] = g[kind]["local_replica_rate" if kind in REGION_KINDS else "replica_rate"]
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
                            "local_per_group": local_per_group, "n_clean": n_clean,

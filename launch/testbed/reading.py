@@ -43,11 +43,12 @@ def load_mask(root: str | Path, row: dict) -> np.ndarray | None:
     return None
 
 
-def stamps(root: str | Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each local group's stamp: (the group's first image, its stamp mask). Every image of a
-    group carries the same stamp pixels under the mask, so one image stands for the stamp."""
+def stamps(root: str | Path, group: str = "local") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each sub-group's shared region: (the sub-group's first image, its mask), for the local
+    stamps or (``group="template"``) the v6 cards. Every image of a sub-group carries the same
+    pixels under the mask, so one image stands for the stamp or card."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for row in read_rows(root, split="train", group="local"):
+    for row in read_rows(root, split="train", group=group):
         if row["local_group"] not in out:
             out[row["local_group"]] = (load_image(root, row["file_name"]), load_mask(root, row))
     return out
@@ -61,15 +62,22 @@ class TrainingImages:
     file_names: list[str]
     source_ids: list[str]
     groups: list[str]
+    planted_groups: list[str | None]  # v6 testbeds: the rows copying one thing share it (None: clean, v5)
 
 
-def training_images(root: str | Path) -> TrainingImages:
+def training_images(root: str | Path, with_sources: bool = False) -> TrainingImages:
+    """Every distinct training image once; ``with_sources`` adds the pictures the v6 near_global
+    copies were made from (never trained themselves, but what a generation copying any of the
+    transformed copies reproduces)."""
     seen: dict[str, dict] = {}
     for row in read_rows(root, split="train"):
         seen.setdefault(row["file_name"], row)
+        if with_sources and row.get("source_file", row["file_name"]) != row["file_name"]:
+            seen.setdefault(row["source_file"], row)
     files = sorted(seen)
     return TrainingImages(np.stack([load_image(root, f) for f in files]), files,
-                          [seen[f]["source_id"] for f in files], [seen[f]["group"] for f in files])
+                          [seen[f]["source_id"] for f in files], [seen[f]["group"] for f in files],
+                          [seen[f].get("planted_group") for f in files])
 
 
 def evaluation_draws(run: str | Path) -> list[tuple[dict, np.ndarray]]:
