@@ -169,3 +169,41 @@ def test_replica_judgement_on_hand_made_generations(builds):
         assert (gen["replica"], gen["local_replica"]) == (replica, local), (gen["group"], gen["sample_id"])
         checked += 1
     assert checked >= 12 and {"near_global", "template", "caption_dup", "moving_local"} <= set(result["groups"])
+
+
+def test_localization_scores_the_map_on_local_replicas_against_both_baselines(builds):
+    """A map that is the copied region scores IoU ~1 on local replicas; clean generations' maps
+    (here: a fixed blob in one corner) give the saliency-free baseline; the all-ones IoU is the
+    mask's area share."""
+    from launch.testbed.evaluate import select_prompts
+    from launch.testbed.localize import localization
+    from launch.testbed.reading import load_image
+
+    root = builds["a"]
+    rows = rows_of(root)
+    prompts = [q for q in select_prompts(root, local_per_group=2, n_clean=4, n_calibration=4)
+               if q.group in ("template", "moving_local", "clean") or q.role == "calibration"]
+    images, maps = [], []
+    blob = np.zeros((16, 16))
+    blob[:4, :4] = 1.0
+    for q in prompts:
+        if q.group in ("template", "moving_local") and q.role == "eval":
+            own = next(r for r in rows if r["file_name"] == q.file_name)
+            region = mask(root, own["mask_file"])
+            image = load_image(root, by_other(rows, own)["file_name"]).copy()  # another picture...
+            image[region] = load_image(root, own["file_name"])[region]         # ... carrying the copied region
+            images.append(image)
+            maps.append(region.reshape(16, 2, 16, 2).mean(axis=(1, 3)))       # the map is the region
+        else:
+            images.append(load_image(root, q.file_name))
+            maps.append(blob)
+    out = localization(np.stack(images)[:, None], np.stack(maps)[:, None], prompts, root)["kinds"]
+    for kind in ("template", "moving_local"):
+        assert out[kind]["local_replicas"] == out[kind]["generations"] > 0
+        assert out[kind]["iou"] > 0.9
+        assert out[kind]["all_ones_iou"] < 0.6 and out[kind]["clean_map_iou"] < 0.6
+
+
+def by_other(rows: list[dict], own: dict) -> dict:
+    """A clean row whose picture differs from ``own``'s."""
+    return next(r for r in rows if r["group"] == "clean" and r["source_id"] != own["source_id"])

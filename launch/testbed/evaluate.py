@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.evaluate.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
                                    pixel_distance, replica_flags)
 from launch.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
@@ -60,12 +61,10 @@ from launch.testbed.reading import (heldout_images, load_image, load_mask, read_
 
 # the scored groups (v5's, then v6's where the testbed has them); held-out prompts only calibrate
 GROUP_ORDER = ("global", "near_global", "caption_dup", "local", "template", "moving_local", "clean")
-# whole-image kinds: a generation copying ANY row of its prompt's planted group is a replica
-# (a near-duplicate copies the picture whichever transform it reproduces; a shared caption may
-# bring back any of its images)
-GROUP_KINDS = ("global", "near_global", "caption_dup")
-# region kinds: a local replica reproduces the shared region (stamp, card) of the prompt's own image
-REGION_KINDS = ("local", "template", "moving_local")
+# GROUP_KINDS: a generation copying ANY row of its prompt's planted group is a replica (a
+# near-duplicate copies the picture whichever transform it reproduces; a shared caption may bring
+# back any of its images). REGION_KINDS: a local replica reproduces the region (stamp, card) of the
+# prompt's own image. The audit's ground truth (train.evaluate.truth) judges the same way.
 
 
 @dataclass

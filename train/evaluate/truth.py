@@ -1,13 +1,17 @@
 """Audit verdicts against ground truth, when the data knows it (the memorization testbed).
 
-The testbed's columns say which rows are planted copies: ``group`` (clean / global / local),
-``source_id`` (the original image), ``mask_file`` (a local group's stamp). The ground-truth
-measures of :mod:`train.evaluate.measures` decide which generations really are copies:
+The testbed's columns say which rows are planted copies: ``group`` (clean / global / local, and
+v6's near_global / caption_dup / template / moving_local), ``source_id`` (the original image),
+``planted_group`` (v6: rows that copy one thing), ``mask_file`` (the copied region: a stamp, a
+card). The ground-truth measures of :mod:`train.evaluate.measures` decide which generations
+really are copies:
 
-* global replica: nearest training image (pixel RMSE, full resolution) is the own source and
-  closer than the calibrated threshold (5% quantile of clean prompts' nearest distances);
-* local replica: the stamp region matches the own image (masked RMSE below the 5% quantile of
-  clean generations' masked distance to any stamp) while the whole image is not a replica.
+* global replica: nearest training image (pixel RMSE, full resolution) is the own source (for
+  the whole-image kinds: any row of the own planted group) and closer than the calibrated
+  threshold (5% quantile of clean prompts' nearest distances);
+* local replica (region kinds): the masked region matches the own image (masked RMSE below the
+  5% quantile of clean generations' masked distance to any stamp) while the whole image is not a
+  replica.
 
 Per generation we collect the raw distances while its images are at hand (:class:`TruthAnnotator`),
 then, once every rank's records are gathered, calibrate and score (:func:`score_against_truth`).
@@ -23,6 +27,8 @@ from train.evaluate.sampling import Generation
 from train.evaluate.trainset import Probe, TrainingSet
 
 TRUTH_COLUMNS = ("group", "source_id")
+GROUP_KINDS = ("global", "near_global", "caption_dup")   # a copy of any row of the planted group counts
+REGION_KINDS = ("local", "template", "moving_local")     # judged on the own image's mask
 
 
 def has_truth(trainset: TrainingSet) -> bool:
@@ -37,6 +43,8 @@ class TruthAnnotator:
         self.images = trainset.images(range(len(trainset)))  # the testbed is small by design
         table = trainset.table
         self.sources = [str(table[r]["source_id"]) for r in trainset.rows]
+        planted = "planted_group" in table.column_names
+        self.planted = [table[r]["planted_group"] if planted else None for r in trainset.rows]
         self.stamps = []  # (mask, stamped image) per local group, for clean generations
         seen = set()
         for position, row in enumerate(trainset.rows):
@@ -53,11 +61,14 @@ class TruthAnnotator:
         out = []
         for i, probe in enumerate(probes):
             group = self.trainset.column("group", probe.row) if probe.row is not None else None
-            truth = {"group": group, "nn_distance": float(distance[i]),
-                     "nn_is_own": probe.row is not None and self.sources[int(index[i])] ==
-                     str(self.trainset.column("source_id", probe.row)), "own_masked_distance": None,
-                     "stamp_distance": None}
-            if group == "local":
+            nearest_row = int(index[i])
+            nn_is_own = probe.row is not None and (
+                self.sources[nearest_row] == str(self.trainset.column("source_id", probe.row))
+                or (group in GROUP_KINDS and self.planted[nearest_row] is not None
+                    and self.planted[nearest_row] == self.trainset.column("planted_group", probe.row)))
+            truth = {"group": group, "nn_distance": float(distance[i]), "nn_is_own": bool(nn_is_own),
+                     "own_masked_distance": None, "stamp_distance": None}
+            if group in REGION_KINDS:
                 own = self.trainset.position_of_row(probe.row)
                 mask = self.trainset.mask(probe.row, gen.images.shape[1:3])
                 if own is not None and mask is not None and mask.any():
@@ -93,7 +104,7 @@ def score_against_truth(records: list[dict], quantile: float = 0.05) -> dict | N
         t["replica"] = bool(t["nn_is_own"] and t["nn_distance"] < global_threshold)
         t["local_replica"] = bool(region_threshold is not None and t["own_masked_distance"] is not None
                                   and t["own_masked_distance"] < region_threshold and not t["replica"])
-    planted = [r for r in rows if r["truth"]["group"] in ("global", "local", "clean")]
+    planted = [r for r in rows if r["truth"]["group"] in GROUP_KINDS + REGION_KINDS + ("clean",)]
     return {
         "global_threshold": global_threshold, "region_threshold": region_threshold, "quantile": quantile,
         "generations": len(planted),

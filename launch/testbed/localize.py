@@ -1,0 +1,109 @@
+"""Does the bright-ending map outline what a local replica copied? IoU per region kind.
+
+``python -m launch.testbed.localize --model RUN/final [--testbed DIR] [--seeds 4] [--per-group 6] [--out FILE.json]``
+
+Generates the region kinds' prompts (local stamps, v6 cards and moving stamps: ``--per-group``
+rows per stamp or card), clean prompts and the held-out calibration prompts with the
+bright-ending map captured at the last denoising step (the audit's sampler,
+:func:`train.evaluate.sampling.generate_with_capture`), judges the generations as
+``python -m launch.testbed.evaluate`` does (:func:`launch.testbed.evaluate.score`), and reports,
+per kind, over the generations that ARE local replicas:
+
+* ``iou``: the map binarized at the mask's area (:func:`train.evaluate.local.localization_iou`)
+  against the own image's ground-truth mask (stamp / card pixels);
+* ``all_ones_iou``: what marking the whole image scores;
+* ``clean_map_iou``: the saliency-free baseline: the maps of clean-prompt generations (no copied
+  region) scored against the same masks: where the model attends to the end token anyway.
+
+The issue's bar: ``iou`` >= 0.5 and >= 0.2 above both baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from launch.testbed.evaluate import REGION_KINDS, load_pipeline, score, select_prompts, testbed_of_run
+from launch.testbed.reading import load_mask, read_manifest
+from train.evaluate.local import localization_iou
+
+
+def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, guidance: float,
+             batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(P, S, H, W, 3) images and (P, S, h, w) bright-ending maps, generation (i, k) seeded by k."""
+    from train.evaluate.sampling import generate_with_capture
+
+    jobs = [(i, k) for i in range(len(texts)) for k in range(seeds)]
+    images, maps = [], []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        gen = generate_with_capture(pipe, [texts[i] for i, _ in chunk], [k for _, k in chunk], steps=steps,
+                                    guidance_scale=guidance, height=resolution, width=resolution)
+        images.append(np.asarray(gen.images, dtype=np.float32))
+        maps.append(np.asarray(gen.be_maps, dtype=np.float32))
+    images_, maps_ = np.concatenate(images), np.concatenate(maps)
+    return (images_.reshape(len(texts), seeds, *images_.shape[1:]), maps_.reshape(len(texts), seeds, *maps_.shape[1:]))
+
+
+def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path) -> dict:
+    """Per region kind: IoU of the map on local replicas and the two baselines (module doc)."""
+    result = score(images, prompts, root)
+    S = images.shape[1]
+    flags = np.array([g["local_replica"] for g in result["generations"]]).reshape(len(prompts), S)
+    clean_maps = [maps[p, k] for p, prompt in enumerate(prompts) if prompt.group == "clean" and prompt.role == "eval"
+                  for k in range(S)]
+    out = {}
+    for kind in REGION_KINDS:
+        ious, ones, baseline, all_ious = [], [], [], []
+        for p, prompt in enumerate(prompts):
+            if prompt.group != kind or prompt.role != "eval":
+                continue
+            mask = load_mask(root, {"mask_file": prompt.mask_file, "group": prompt.group, "file_name": prompt.file_name})
+            for k in range(S):
+                value, trivial = localization_iou(maps[p, k], mask)
+                all_ious.append(value)
+                if flags[p, k]:
+                    ious.append(value)
+                    ones.append(trivial)
+                    baseline.append(np.mean([localization_iou(m, mask)[0] for m in clean_maps]) if clean_maps else np.nan)
+        if not all_ious:
+            continue
+        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+        out[kind] = {"generations": len(all_ious), "local_replicas": len(ious), "iou": mean(ious),
+                     "all_ones_iou": mean(ones), "clean_map_iou": mean(baseline), "iou_all_generations": mean(all_ious)}
+    return {"kinds": out, "map_shape": list(maps.shape[2:]),
+            "local_replica_rates": {k: v.get("local_replica_rate") for k, v in result["groups"].items() if k in REGION_KINDS}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.localize", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a pipeline folder, e.g. RUN/final")
+    p.add_argument("--testbed", help="the testbed folder (default: the one RUN/config.yaml trained on)")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--per-group", type=int, default=6, help="prompts per stamp / card")
+    p.add_argument("--clean", type=int, default=32, help="clean prompts (the saliency-free baseline)")
+    p.add_argument("--calibration", type=int, default=100, help="held-out prompts that set the thresholds")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--out", help="also write the result here (JSON)")
+    a = p.parse_args(argv)
+    root = Path(a.testbed) if a.testbed else testbed_of_run(a.model)
+    prompts = [q for q in select_prompts(root, a.per_group, a.clean, a.calibration)
+               if q.group in REGION_KINDS + ("clean",) or q.role == "calibration"]
+    pipe = load_pipeline(a.model)
+    images, maps = generate(pipe, [q.text for q in prompts], a.seeds, int(read_manifest(root)["params"]["resolution"]),
+                            a.steps, a.guidance)
+    result = localization(images, maps, prompts, root)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
