@@ -66,33 +66,46 @@ def thumbnail(image: Image.Image, size: int = 8) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
+def duplicate_groups(table, image_column: str, root: Optional[Path] = None, max_distance: float = 0.02) -> np.ndarray:
+    """Each row's whole-image duplicate group id (int64, numbered in order of first appearance).
+
+    Rows are duplicates when their difference hashes are equal *and* their 8x8 colour thumbnails
+    differ by at most ``max_distance`` (mean absolute difference, 0-1) from the thumbnail of the
+    group's first row. Unreadable rows stand alone. :func:`dedup_weights` weighs these groups;
+    analysis (``launch.testbed.dedup_recall``) reads them to see which rows were grouped together.
+    """
+    group = np.empty(len(table), dtype=np.int64)
+    buckets: dict[int, list[tuple[int, np.ndarray]]] = {}  # hash -> [(group id, its thumbnail)]
+    n_groups = 0
+    for i, image in enumerate(_images(table, image_column, root)):
+        if image is None:  # unreadable rows stand alone
+            group[i], n_groups = n_groups, n_groups + 1
+            continue
+        thumb = thumbnail(image)
+        members = buckets.setdefault(dhash(image), [])
+        match = next((g for g, t in members if np.abs(thumb - t).mean() <= max_distance), None)
+        if match is None:
+            match, n_groups = n_groups, n_groups + 1
+            members.append((match, thumb))
+        group[i] = match
+    return group
+
+
 def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path] = None,
                   max_distance: float = 0.02) -> np.ndarray:
     """1 / (size of the sample's duplicate group), per row; cached by the data's fingerprint.
 
     Rows are duplicates when their difference hashes are equal *and* their 8x8 colour thumbnails
-    differ by at most ``max_distance`` (mean absolute difference, 0-1). The hash alone sees only
-    brightness edges, so it groups an image with its colour variants (a red, a green and a purple
-    heart); re-encoding or resizing a copy moves its thumbnail by little (docs/ablation.md measures how much).
+    differ by at most ``max_distance`` (mean absolute difference, 0-1): :func:`duplicate_groups`.
+    The hash alone sees only brightness edges, so it groups an image with its colour variants (a
+    red, a green and a purple heart); re-encoding or resizing a copy moves its thumbnail by little
+    (docs/ablation.md measures how much).
     Needs no monitor: duplicates are known from the data alone (the classic fix for global copies).
     """
     def compute():
-        group = np.empty(len(table), dtype=np.int64)
-        buckets: dict[int, list[tuple[int, np.ndarray]]] = {}  # hash -> [(group id, its thumbnail)]
-        n_groups = 0
-        for i, image in enumerate(_images(table, image_column, root)):
-            if image is None:  # unreadable rows stand alone
-                group[i], n_groups = n_groups, n_groups + 1
-                continue
-            thumb = thumbnail(image)
-            members = buckets.setdefault(dhash(image), [])
-            match = next((g for g, t in members if np.abs(thumb - t).mean() <= max_distance), None)
-            if match is None:
-                match, n_groups = n_groups, n_groups + 1
-                members.append((match, thumb))
-            group[i] = match
-        counts = np.bincount(group, minlength=n_groups)
-        log.info("de-duplication: %d rows in %d groups", len(group), n_groups)
+        group = duplicate_groups(table, image_column, root, max_distance)
+        counts = np.bincount(group)
+        log.info("de-duplication: %d rows in %d groups", len(group), len(counts))
         return 1.0 / counts[group]
 
     return _cached(cache_dir, f"{table._fingerprint}:{image_column}:{max_distance}", compute)
