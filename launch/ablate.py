@@ -744,6 +744,8 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
         out["local_replica_rate"] = s.get("local_replica_rate")
         out["clean_replica_rate"] = s.get("clean_replica_rate")
         out["clean_local_replica_rate"] = s.get("clean_local_replica_rate")
+        for kind in V6_KINDS:  # testbed v6 only (launch.testbed.evaluate's summary)
+            out[f"{kind}_replica_rate"] = s.get(f"{kind}_replica_rate")
         out["heldout_loss"] = s.get("heldout_loss")
         out["clean_own_rank"] = s.get("clean_own_rank_median")
         out["unprompted_global_rate"] = s.get("unprompted_global_copy_rate")
@@ -768,9 +770,18 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
 # --------------------------------------------------------------------------------------------
 
 # The table's columns, in order, with headers; those no run has are left out.
+V6_KINDS = ("near_global", "caption_dup", "template", "moving_local")
+# the replica rate of each kind a run's testbed has: whole-image kinds (goal GOAL["global"]), then
+# region kinds (goal GOAL["local"]); v5 testbeds have the first of each only
+GLOBAL_RATES = ("global_replica_rate", "near_global_replica_rate", "caption_dup_replica_rate")
+LOCAL_RATES = ("local_replica_rate", "template_replica_rate", "moving_local_replica_rate")
 TABLE_COLUMNS = [
     ("global_replica_rate", "global replica rate"),
+    ("near_global_replica_rate", "near-duplicate replica rate"),
+    ("caption_dup_replica_rate", "shared-caption replica rate"),
     ("local_replica_rate", "local replica rate"),
+    ("template_replica_rate", "template (card) replica rate"),
+    ("moving_local_replica_rate", "moving-stamp replica rate"),
     ("clean_replica_rate", "clean replica rate"),
     ("localization_iou", "localization IoU"),
     ("quality_kid", "KID (quality, lower better)"),
@@ -782,6 +793,7 @@ TABLE_COLUMNS = [
     ("det_tpr1fpr_global", "TPR@1%FPR global"),
     ("det_auc_local", "det. AUC local"),
     ("det_tpr1fpr_local", "TPR@1%FPR local"),
+    *((f"det_auc_{kind}", f"det. AUC {kind}") for kind in V6_KINDS),
     ("train_loss", "final train loss"),
     ("samples_per_s", "samples/s"),
     ("wall_train_s", "train wall s"),
@@ -905,8 +917,11 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
     ref = stats.get(grid.reference) if grid.reference else None
     compare = ref is not None and any(ref[k][0] is not None for k in ("global_replica_rate", "local_replica_rate"))
     header = ["variant", "seeds"] + [h for _, h in columns]
+    rates = [k for k in GLOBAL_RATES + LOCAL_RATES if ref is not None and ref[k][0] is not None]
     if compare:
-        header += ["global vs ref", "local vs ref", "KID vs ref", "held-out loss vs ref", "meets goal"]
+        names = {"global_replica_rate": "global", "local_replica_rate": "local"}
+        header += [f"{names.get(k, k[:-len('_replica_rate')])} vs ref" for k in rates]
+        header += ["KID vs ref", "held-out loss vs ref", "meets goal"]
     lines = [f"# Ablation `{grid.name}`", "",
              f"Grid: `{_rel(grid.path)}`; {len(summaries)} of {len(grid.runs)} runs finished; "
              "mean ± std over seeds" + (f"; reference: `{grid.reference}`" if grid.reference else "") + ".", "",
@@ -917,17 +932,17 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
             mean, std, n = st[key]
             cells.append(_fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std, like=mean)}")
         if compare:
-            deltas = [_relative(st[k][0], ref[k][0]) for k in ("global_replica_rate", "local_replica_rate")]
+            cuts = {k: _relative(st[k][0], ref[k][0]) for k in rates}
             quality = paired_quality_change(runs_of[variant], runs_of[grid.reference])
-            deltas += [quality if quality is not None else _relative(st["quality_kid"][0], ref["quality_kid"][0]),
-                       _relative(st["heldout_loss"][0], ref["heldout_loss"][0])]
-            cells += ["—" if d is None else f"{100 * d:+.0f}%" for d in deltas[:3]]
-            cells.append("—" if deltas[3] is None else f"{100 * deltas[3]:+.1f}%")
-            g, l, q, _ = deltas
-            if variant == grid.reference or None in (g, l):
+            q = quality if quality is not None else _relative(st["quality_kid"][0], ref["quality_kid"][0])
+            loss = _relative(st["heldout_loss"][0], ref["heldout_loss"][0])
+            cells += ["—" if d is None else f"{100 * d:+.0f}%" for d in [*cuts.values(), q]]
+            cells.append("—" if loss is None else f"{100 * loss:+.1f}%")
+            if variant == grid.reference or None in cuts.values():
                 cells.append("—")
-            else:
-                ok = g <= -GOAL["global"] and l <= -GOAL["local"] and (q is None or q <= GOAL["quality"])  # better KID is fine
+            else:  # every whole-image kind cut by GOAL["global"], every region kind by GOAL["local"]; better KID is fine
+                ok = (all(d <= -GOAL["global" if k in GLOBAL_RATES else "local"] for k, d in cuts.items())
+                      and (q is None or q <= GOAL["quality"]))
                 # fewer prompted copies bought with more copies from the empty prompt is no mitigation
                 unasked, ref_unasked = st["unprompted_global_rate"][0], ref["unprompted_global_rate"][0]
                 if ok and None not in (unasked, ref_unasked) and unasked > ref_unasked:
