@@ -49,6 +49,10 @@ class EvalConfig:
     quality: bool = True  # KID of the generations against training images (fixed pixel features)
     num_panels: int = 8  # image triplets sent to the tracker per eval (worst cases first)
     report: bool = True  # each eval also writes eval/step-<N>/report.html, the audit's page for the model being trained
+    # Ground truth over time (data with group/source_id columns, e.g. the testbed): every eval probes
+    # the same seeded training captions (not the flagged ones) and onset.parquet keeps each sample's
+    # first replica step (train/evaluate/onset.py)
+    onset: bool = False
 
 
 def validate_eval(cfg) -> None:

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from train.evaluate.core import EvalResult, Judge, evaluate_probes, summarize
+from train.evaluate.onset import ONSET_FILE, OnsetTable
 from train.evaluate.report import build_report, write_report
 from train.evaluate.sampling import sampling_pipeline
 from train.evaluate.truth import TruthAnnotator, has_truth, score_against_truth
@@ -61,12 +62,14 @@ class EvalHook:
         self.judge: Judge | None = None
         self.annotate: TruthAnnotator | None = None
         self.data_name = str(data_cfg.path)
+        self.onset = OnsetTable(self.out_dir / ONSET_FILE) if getattr(cfg_eval, "onset", False) else None
 
     def cache_dir(self) -> Path:
         return Path(self.cfg.feature_cache).expanduser() if self.cfg.feature_cache else self.out_dir / "eval" / "cache"
 
     def probes(self, flagged_ids: Sequence[str] = (), heldout_prompts: Sequence[str] = ()) -> list[Probe]:
-        return select_probes(self.cfg, self.trainset, flagged_ids, heldout_prompts)
+        # onset tracking compares evals sample by sample: the same probes every time, not the flags
+        return select_probes(self.cfg, self.trainset, () if self.onset is not None else flagged_ids, heldout_prompts)
 
     @torch.no_grad()
     def __call__(self, accelerator, parts, unet, text_encoder, step: int, tracker,
@@ -80,7 +83,8 @@ class EvalHook:
         model = accelerator.unwrap_model(unet)
         pipe = sampling_pipeline(parts.vae, accelerator.unwrap_model(text_encoder), parts.tokenizer, model,
                                  parts.noise_scheduler)
-        if self.annotate is None and self.cfg.report and self.trainset is not None and has_truth(self.trainset):
+        wants_truth = self.cfg.report or self.onset is not None
+        if self.annotate is None and wants_truth and self.trainset is not None and has_truth(self.trainset):
             self.annotate = TruthAnnotator(self.trainset)  # ground-truth columns: mark the planted copies
         annotate = self.annotate
         with _ema_weights(model, ema):
@@ -89,10 +93,13 @@ class EvalHook:
                                      annotate=annotate)
         metrics = summarize(result)
         if accelerator.is_main_process:
+            truth = score_against_truth(result.records) if annotate is not None else None  # marks records' truth
+            if self.onset is not None and truth is not None:
+                self.onset.update(step, result.records)
+                self.onset.write()
             self._write(result, metrics, step, tracker)
             if self.cfg.report:
                 summary = {"num_prompts": len(probes), **{k.removeprefix("eval/"): v for k, v in metrics.items()}}
-                truth = score_against_truth(result.records) if annotate is not None else None
                 report, panels = build_report(result, self.cfg, summary, checkpoint=f"{self.out_dir} at step {step}",
                                               model="the model being trained" + (" (EMA weights)" if ema else ""),
                                               data=self.data_name,

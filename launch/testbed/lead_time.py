@@ -1,0 +1,78 @@
+"""Did the monitor flag a row before its copy appeared? Lead time per planted kind.
+
+``python -m launch.testbed.lead_time --run RUN [--out FILE.md]``
+
+Reads ``RUN/ledger.parquet`` (``first_flagged_step`` per row) and ``RUN/onset.parquet`` (written
+by a run with ``eval.onset: true``: the first eval step at which the row's prompt gave a replica,
+:mod:`train.evaluate.onset`) and reports, per ground-truth group, over the probed rows:
+
+* rows that became copies (whole-image replicas for global / near_global / caption_dup and clean
+  rows, local replicas for local / template / moving_local), the share of them flagged strictly
+  before their onset step and the median lead (onset - first flag, in optimizer steps);
+* rows that never did: the share the monitor flagged anyway (false flags).
+
+Onset is known to within ``eval.every`` steps (the copy appeared after the previous eval), so a
+lead shorter than that may be a tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from launch.testbed.reading import emit_table
+from train.evaluate.onset import ONSET_FILE
+from train.evaluate.truth import REGION_KINDS
+
+
+def lead_times(ledger: dict[str, int], onset: list[dict]) -> dict[str, dict]:
+    """``ledger``: sample_id -> first flagged step (-1 = never); ``onset``: onset.parquet's rows."""
+    out: dict[str, dict] = {}
+    for group in sorted({r["group"] for r in onset}):
+        rows = [r for r in onset if r["group"] == group]
+        key = "first_local_replica_step" if group in REGION_KINDS else "first_replica_step"
+        copied = [r for r in rows if r[key] >= 0]
+        never = [r for r in rows if r[key] < 0]
+        flags = [ledger.get(str(r["sample_id"]), -1) for r in copied]
+        before = [r[key] - f for r, f in zip(copied, flags) if 0 <= f < r[key]]
+        false_flags = [ledger.get(str(r["sample_id"]), -1) >= 0 for r in never]
+        out[group] = {"probed": len(rows), "copied": len(copied),
+                      "flagged_before_onset": len(before) / len(copied) if copied else None,
+                      "median_lead_steps": float(np.median(before)) if before else None,
+                      "median_onset_step": float(np.median([r[key] for r in copied])) if copied else None,
+                      "never_copied": len(never),
+                      "false_flag_rate": float(np.mean(false_flags)) if never else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pyarrow.parquet as pq
+
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.lead_time", description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a run folder with ledger.parquet and onset.parquet")
+    p.add_argument("--out", help="also write the table here")
+    a = p.parse_args(argv)
+    run = Path(a.run)
+    for name in ("ledger.parquet", ONSET_FILE):
+        if not (run / name).is_file():
+            raise SystemExit(f"{run / name} is missing" + (" (train with eval.onset=true and eval.every=K)"
+                                                            if name == ONSET_FILE else ""))
+    ledger_table = pq.read_table(run / "ledger.parquet", columns=["sample_id", "first_flagged_step"]).to_pylist()
+    ledger = {str(r["sample_id"]): int(r["first_flagged_step"]) for r in ledger_table}
+    result = lead_times(ledger, pq.read_table(run / ONSET_FILE).to_pylist())
+    fmt = lambda v, pct=False: "—" if v is None else f"{100 * v:.0f}%" if pct else f"{v:.0f}"  # noqa: E731
+    lines = ["| group | probed | became copies | flagged before onset | median lead (steps) | median onset step "
+             "| never copied | false flags |", "|---|---|---|---|---|---|---|---|"]
+    for group, r in result.items():
+        lines.append(f"| {group} | {r['probed']} | {r['copied']} | {fmt(r['flagged_before_onset'], True)} | "
+                     f"{fmt(r['median_lead_steps'])} | {fmt(r['median_onset_step'])} | {r['never_copied']} | "
+                     f"{fmt(r['false_flag_rate'], True)} |")
+    emit_table(lines, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
