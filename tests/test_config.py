@@ -121,4 +121,4 @@ def test_real_checkpoint_configs_undo_the_embedded_demo(model):
                       base=REPO_ROOT / "configs" / "base.yaml")
     assert cfg.data.filter_column is None and cfg.monitor.label_column is None and cfg.eval.every == 0
     assert not cfg.train.text_encoder and cfg.eval.stratify_column is None
-    assert set(cfg.monitor.signal_weights.values()) == {1.0} and cfg.monitor.flag.policy == "zscore"
+    assert cfg.monitor.detector == "heads" and cfg.monitor.flag.policy == "zscore"

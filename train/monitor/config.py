@@ -26,7 +26,10 @@ class MonitorConfig:
     enabled: bool = True
     signals: list[str] = field(default_factory=lambda: [
         "be_mass", "be_topk", "be_entropy", "token_entropy", "start_mass", "loss", "magnitude", "be_magnitude"])
-    signal_weights: dict[str, float] = field(default_factory=dict)  # default 1.0 each
+    # How the signals become one score: "heads" = the shipped per-kind logistic heads
+    # (train/monitor/detector.py, detector.json), "weighted" = the signal_weights-weighted mean
+    detector: str = choice("heads", "weighted")
+    signal_weights: dict[str, float] = field(default_factory=dict)  # detector=weighted: default 1.0 each
     be_layers: Optional[list[str]] = None  # None: the highest-resolution cross-attention of the down path
     # Attention over tokens from the down path and the mid block (every attn2 layer, as Ren et al.,
     # costs about twice as much: tests/bench/bench_monitor.py measures both).

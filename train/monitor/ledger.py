@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from train.monitor.detector import head_scores
 from train.util import write_atomic
 
 HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps
@@ -39,9 +40,10 @@ class FlagPolicy:
 
 class Ledger:
     def __init__(self, capacity: int, signals: Sequence[str], weights: Sequence[float], policy: FlagPolicy,
-                 streaming: bool = False):
+                 streaming: bool = False, heads: Optional[np.ndarray] = None):
         self.signals, self.policy, self.streaming = tuple(signals), policy, streaming
         self.weights = np.asarray(weights, dtype=np.float32)
+        self.heads = heads  # [K, 1 + S] (train/monitor/detector.py): score = the largest head; None: weighted mean
         S = len(self.signals)
         self.capacity = capacity
         self.slots: dict[int, int] = {}  # streams only: sample-id hash -> slot
@@ -135,10 +137,14 @@ class Ledger:
         self.sig_mean[slots] = mean.astype(np.float16)
         self.sig_max[slots] = np.where(seen, np.maximum(self.sig_max[slots].astype(np.float32), np.nan_to_num(z)),
                                        self.sig_max[slots]).astype(np.float16)
-        # combined score: weighted mean of the signals this sample has been observed on
+        # combined score: the largest per-kind head, or the weighted mean of the observed signals
         w = self.weights[None, :] * (count > 0)
-        score = (w * mean).sum(1) / np.maximum(w.sum(1), 1e-12)
-        eligible = (self.obs[slots] >= self.policy.min_obs) & (w.sum(1) > 0)
+        if self.heads is not None:
+            score = head_scores(self.heads, np.where(count > 0, mean, 0.0)).max(axis=1)
+            eligible = (self.obs[slots] >= self.policy.min_obs) & (count > 0).any(axis=1)
+        else:
+            score = (w * mean).sum(1) / np.maximum(w.sum(1), 1e-12)
+            eligible = (self.obs[slots] >= self.policy.min_obs) & (w.sum(1) > 0)
         self.score[slots] = np.where(eligible, score, np.nan)
         self._pop_add(self.score[slots])
         on, off = self.thresholds()

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from train.monitor.capture import AttentionCapture
 from train.monitor.detection import detection_by_kind
+from train.monitor.detector import load_heads
 from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
                                    magnitude_signals, stack, token_signals)
@@ -68,7 +69,9 @@ class Monitor:
                                  list(cfg.length_edges), cfg.stats_horizon, cfg.stats_warmup)
         streaming = num_samples is None
         weights = [float(cfg.signal_weights.get(s, 1.0)) for s in self.signals]
-        self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming)
+        heads = load_heads(self.signals)[1] if cfg.get("detector", "heads") == "heads" else None
+        self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming,
+                             heads=heads)
         self.table, self.id_column, self.caption_column = table, id_column, caption_column
         self.labels = None
         if cfg.label_column:  # ground truth only where the user names it

@@ -1,0 +1,84 @@
+"""Fit the default detector's per-kind heads on one testbed run's ledger; report them on others.
+
+``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--write] [--out FILE.md]``
+
+The heads (:mod:`train.monitor.detector`) are logistic regressions of ground truth (the ledger's
+``group`` column) on the per-signal mean z-scores: a "global" head for the whole-image kinds
+(global, near_global, caption_dup) and a "local" head for the region kinds (local, template,
+moving_local), each against the clean rows. ``--validate`` runs are scored with the fitted heads
+unchanged: the rule is fit on one testbed and judged on testbeds it never saw. Beside each
+number: the equal-weight mean of all signals (the earlier default) and the loss alone.
+``--write`` stores the heads in train/monitor/detector.json (what ``monitor.detector: heads`` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from launch.testbed.reading import emit_table
+from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
+from train.monitor.detection import detection_by_kind
+from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores
+from train.monitor.signals import SIGNALS
+
+
+def ledger_means(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """([N, S] per-signal mean z in SIGNALS order (0 where a signal was not computed), [N] group)."""
+    table = pq.read_table(Path(run) / "ledger.parquet").to_pydict()
+    if "group" not in table:
+        raise SystemExit(f"{run}/ledger.parquet has no group column (train with monitor.label_column=group)")
+    means = np.stack([np.nan_to_num(np.asarray(table.get(f"{s}_mean", [0.0] * len(table["group"])), dtype=np.float64))
+                      for s in SIGNALS], axis=1)
+    return means, np.asarray(table["group"]).astype(str)
+
+
+def scores(spec: dict, means: np.ndarray) -> dict[str, np.ndarray]:
+    heads = np.asarray([[h["bias"]] + [h["coef"].get(s, 0.0) for s in SIGNALS] for h in spec["heads"].values()])
+    return {"heads": head_scores(heads, means).max(axis=1), "equal-weight mean": means.mean(axis=1),
+            "loss only": means[:, SIGNALS.index("loss")]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.testbed.fit_detector", description=__doc__.split("\n")[0])
+    p.add_argument("--fit", nargs="+", required=True, help="run folder(s) whose ledgers fit the heads")
+    p.add_argument("--validate", nargs="*", default=[], help="run folders scored with the fitted heads")
+    p.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
+    p.add_argument("--write", action="store_true", help=f"store the heads in {DETECTOR_FILE}")
+    p.add_argument("--out", help="also write the table here")
+    a = p.parse_args(argv)
+    fitted = [ledger_means(run) for run in a.fit]
+    means, groups = np.concatenate([m for m, _ in fitted]), np.concatenate([g for _, g in fitted])
+    present = set(groups)
+    kinds = {name: [k for k in members if k in present]
+             for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
+    spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
+    spec["fit_on"] = [str(r) for r in a.fit]
+    lines = ["| run | role | kind | heads AUC | heads TPR@1%FPR | equal-weight AUC | loss-only AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for role, runs in (("fit", a.fit), ("validate", a.validate)):
+        for run in runs:
+            run_means, run_groups = ledger_means(run)
+            labels = sorted(set(run_groups) - {"clean", "heldout"})
+            results = {name: detection_by_kind(score, run_groups, "clean", labels)
+                       for name, score in scores(spec, run_means).items()}
+            for kind in labels:
+                h, e, l = (results[n].get(kind, {}) for n in ("heads", "equal-weight mean", "loss only"))
+                lines.append(f"| {run} | {role} | {kind} | {h.get('auc', float('nan')):.3f} | "
+                             f"{h.get('tpr_at_1fpr', float('nan')):.2f} | {e.get('auc', float('nan')):.3f} | "
+                             f"{l.get('auc', float('nan')):.3f} |")
+    print(json.dumps(spec["heads"], indent=1))
+    emit_table(lines, a.out)
+    if a.write:
+        DETECTOR_FILE.write_text(json.dumps(spec, indent=1) + "\n")
+        print(f"wrote {DETECTOR_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

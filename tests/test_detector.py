@@ -1,0 +1,60 @@
+"""The default detector: per-kind logistic heads over the ledger's signals (monitor.detector=heads)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from train.monitor.detection import detection_by_kind
+from train.monitor.detector import fit_heads, head_scores, load_heads
+from train.monitor.ledger import FlagPolicy, Ledger
+from train.monitor.signals import SIGNALS
+
+
+def test_the_shipped_heads_cover_every_signal_in_any_order():
+    kinds, heads = load_heads(SIGNALS)
+    assert kinds == ["global", "local"] and heads.shape == (2, 1 + len(SIGNALS))
+    _, reordered = load_heads(list(reversed(SIGNALS)))
+    np.testing.assert_array_equal(reordered[:, 1:], heads[:, :0:-1])
+    _, subset = load_heads(["loss"])  # a run computing one signal gets that signal's coefficient
+    assert subset.shape == (2, 2) and subset[0, 1] == heads[0, 1 + SIGNALS.index("loss")]
+
+
+def test_a_head_file_naming_an_unknown_signal_is_refused(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"signals": ["loss"], "heads": {"g": {"bias": 0, "coef": {"lossy": 1.0}}}}))
+    with pytest.raises(ValueError, match="lossy"):
+        load_heads(["loss"], path)
+
+
+def test_the_ledger_scores_a_sample_by_its_largest_head():
+    heads = np.array([[0.0, 2.0, 0.0], [-1.0, 0.0, 3.0]], dtype=np.float32)  # bias, loss, be_topk
+    ledger = Ledger(4, ["loss", "be_topk"], [1.0, 1.0], FlagPolicy(min_obs=1), heads=heads)
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 0.2], [np.nan, -1.0]], dtype=np.float32)
+    ledger.update(np.arange(4), z, step=1)
+    expected = np.maximum(2.0 * np.nan_to_num(z[:, 0]), -1.0 + 3.0 * z[:, 1])
+    np.testing.assert_allclose(ledger.score, expected, rtol=1e-3)
+    weighted = Ledger(4, ["loss", "be_topk"], [1.0, 1.0], FlagPolicy(min_obs=1))
+    weighted.update(np.arange(4), z, step=1)
+    assert weighted.score[0] == pytest.approx(0.5)  # the mean, not a head
+
+
+def test_fitted_heads_find_each_kind_on_rows_they_were_not_fit_on():
+    rng = np.random.default_rng(0)
+
+    def rows(n):  # clean: noise; "global": high loss z; "local": high be_topk z and low token entropy z
+        labels = np.array(["clean"] * n + ["global"] * (n // 10) + ["local"] * (n // 10))
+        x = rng.normal(size=(len(labels), len(SIGNALS)))
+        x[labels == "global", SIGNALS.index("loss")] += 2.5
+        x[labels == "local", SIGNALS.index("be_topk")] += 1.5
+        x[labels == "local", SIGNALS.index("token_entropy")] -= 1.5
+        return x, labels
+
+    spec = fit_heads(*rows(2000), SIGNALS, {"global": ["global"], "local": ["local"]})
+    heads = np.array([[h["bias"]] + [h["coef"][s] for s in SIGNALS] for h in spec["heads"].values()])
+    x, labels = rows(2000)
+    result = detection_by_kind(head_scores(heads, x).max(axis=1), labels, "clean", ["global", "local"])
+    assert result["global"]["auc"] > 0.9 and result["local"]["auc"] > 0.9
+    assert spec["heads"]["local"]["coef"]["token_entropy"] < 0 < spec["heads"]["global"]["coef"]["loss"]
