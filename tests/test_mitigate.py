@@ -15,6 +15,7 @@ from train.mitigate.base import targets
 from train.mitigate.captions import CaptionPerturbation, CaptionsConfig
 from train.mitigate.dedup import Dedup, DedupConfig, dedup_weights, loss_map, region_dedup_weights
 from train.mitigate.flags import FlagWeightsConfig, flag_weights
+from train.util import ConfigError
 from train.models import byte_level_tokenizer
 
 CAPTION = "a small red circle on a blue background"
@@ -128,6 +129,23 @@ def test_flag_weights_modes():
     assert flag_weights(cfg, flags, scores, 0).tolist() == [pytest.approx(1 / 3), 1.0, 1.0]
     cfg.start_step = 5
     assert flag_weights(cfg, flags, scores, 4).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_budget_stops_a_flagged_row_once_its_loss_is_below_its_peers():
+    cfg = OmegaConf.structured(FlagWeightsConfig)
+    cfg.mode = "budget"
+    flags = torch.tensor([True, True, True, False])
+    loss_z = torch.tensor([0.5, -0.5, float("nan"), 2.0])  # ahead of peers, behind, never seen, not flagged
+    assert flag_weights(cfg, flags, None, 0, loss_z).tolist() == [0.0, 1.0, 1.0, 1.0]
+    cfg.budget_margin = 1.0  # a stricter budget: only rows a full z ahead of their peers stop
+    assert flag_weights(cfg, flags, None, 0, loss_z).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_budget_needs_the_loss_signal():
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match="budget reads the monitor's loss signal"):
+        load_config(overrides=["mitigate.weights.mode=budget", "monitor.signals=[be_topk]"])
 
 
 def test_dedup_weights_group_copies_also_resized(tmp_path):
@@ -374,3 +392,19 @@ def test_be_mass_regularizer_term_falls_while_training(tmp_path, cache_dir):
         "mitigate.regularize.be_mass": 100.0, "mitigate.regularize.max_t": 1000}))
     terms = [r["mitig/be_mass"] for r in read_metrics(run) if "mitig/be_mass" in r]
     assert len(terms) == 12 and np.mean(terms[-3:]) < 0.7 * np.mean(terms[:3])
+
+
+def test_trainer_stops_flagged_rows_that_are_ahead_of_their_peers(tmp_path, cache_dir):
+    """mode=budget in the real trainer: first epoch nothing is flagged yet (full weight); once every
+    row is flagged (a threshold everyone passes), the rows whose loss runs below their peers' stop."""
+    from train.finetune import main
+
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "train.batch_size": 8, "train.max_steps": 8, "mitigate.weights.mode": "budget",
+        "monitor.detector": "weighted", "monitor.flag.policy": "absolute", "monitor.flag.min_obs": 1,
+        "monitor.flag.raise_at": -100, "monitor.flag.clear_at": -100,
+        "monitor.t_bins": 1, "monitor.stats_warmup": 2}))  # one noise bin: z-scores from the first batches
+    weights = {r["step"]: r["mitig/mean_weight"] for r in read_metrics(run) if "mitig/mean_weight" in r}
+    assert all(weights[s] == 1.0 for s in range(1, 5))     # epoch 1 (32 rows / 8): nobody flagged yet
+    later = [weights[s] for s in range(5, 9)]  # epoch 2: flagged rows ahead of their peers stop, the rest train
+    assert min(later) < 1.0 and max(later) > 0.0

@@ -1,5 +1,5 @@
-"""Loss weights from the monitor's flags: down-weight or drop what the ledger flags, or weigh each
-sample by its ledger score.
+"""Loss weights from the monitor's flags: down-weight or drop what the ledger flags, weigh each
+sample by its ledger score, or give each flagged row a training budget.
 
 A dropped sample gets weight 0 and stays in the batch: every rank runs the same forward and
 backward whatever it drops, so DDP/DeepSpeed collectives never wait on a rank that skipped.
@@ -13,26 +13,35 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from train.mitigate.base import Mitigation, MitigationStep
+from train.mitigate.base import BuildContext, Mitigation, MitigationStep
 from train.util import bounded, choice
 
 
 @dataclass
 class FlagWeightsConfig:
     # none | downweight (flagged x factor) | drop (flagged x 0) | score (a smooth function of the
-    # ledger score: 1 below score_on, falling as 1 / (1 + (score - score_on)))
-    mode: str = choice("none", "downweight", "drop", "score")
+    # ledger score: 1 below score_on, falling as 1 / (1 + (score - score_on))) | budget (a flagged
+    # row trains on until it has learned its image as well as its peers: weight 0 once its loss z,
+    # the ledger's running mean, is at least budget_margin below theirs; it keeps training while
+    # behind, so a flag on a hard image costs it nothing)
+    mode: str = choice("none", "downweight", "drop", "score", "budget")
     factor: float = bounded(0.1, ge=0.0, le=1.0)
     score_on: float = 1.0
+    budget_margin: float = 0.0
     start_step: int = bounded(0, ge=0)
 
 
-def flag_weights(cfg: DictConfig, flagged: torch.Tensor, scores: Optional[torch.Tensor], step: int) -> torch.Tensor:
+def flag_weights(cfg: DictConfig, flagged: torch.Tensor, scores: Optional[torch.Tensor], step: int,
+                 loss_z: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B] weights; ``loss_z``: the rows' running loss z (oriented: > 0 = lower loss than peers), budget mode."""
     ones = torch.ones(flagged.shape, dtype=torch.float32)
     if cfg.mode == "none" or step < cfg.start_step:
         return ones
     if cfg.mode == "drop":
         return torch.where(flagged, torch.zeros_like(ones), ones)
+    if cfg.mode == "budget":
+        spent = flagged & (torch.nan_to_num(loss_z.float(), nan=-float("inf")) >= cfg.budget_margin)
+        return torch.where(spent, torch.zeros_like(ones), ones)
     if cfg.mode == "downweight":
         return torch.where(flagged, torch.full_like(ones, cfg.factor), ones)
     excess = torch.nan_to_num(scores.float() - cfg.score_on, nan=0.0).clamp_min(0)
@@ -51,5 +60,16 @@ class FlagWeights(Mitigation):
     def needs_monitor(cls, cfg: DictConfig) -> bool:
         return cls.active(cfg)
 
+    @classmethod
+    def check(cls, cfg: DictConfig, run_cfg) -> Optional[str]:
+        if cfg.mode == "budget" and "loss" not in run_cfg.monitor.signals:
+            return "mitigate.weights.mode=budget reads the monitor's loss signal: keep 'loss' in monitor.signals"
+        return None
+
+    def __init__(self, cfg: DictConfig, ctx: BuildContext):
+        super().__init__(cfg, ctx)
+        self.monitor = ctx.monitor
+
     def weights(self, step: MitigationStep) -> Optional[torch.Tensor]:
-        return flag_weights(self.cfg, step.flagged, step.scores, step.step)
+        loss_z = self.monitor.signal_mean(step.batch, "loss") if self.cfg.mode == "budget" else None
+        return flag_weights(self.cfg, step.flagged, step.scores, step.step, loss_z)

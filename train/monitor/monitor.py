@@ -174,15 +174,22 @@ class Monitor:
             self._empty_emb = self.text_encoder(ids, return_dict=False)[0].to(text_emb.dtype)
         return self._empty_emb.expand(m, -1, -1)
 
-    def flags(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flagged [B] bool, score [B]) of the batch's samples as the ledger stands before this step."""
+    def _lookup(self, batch: dict, array: np.ndarray, missing) -> torch.Tensor:
+        """``array``'s entries for the batch's samples (``missing`` for a stream's unseen ones)."""
         if self.ledger.streaming:
             slots = [self.ledger.slots.get(int(h)) for h in self._slots(batch).tolist()]
-            flagged = [bool(self.ledger.flagged[s]) if s is not None else False for s in slots]
-            score = [float(self.ledger.score[s]) if s is not None else float("nan") for s in slots]
-            return torch.tensor(flagged), torch.tensor(score)
-        slots = batch["index"].numpy()
-        return torch.from_numpy(self.ledger.flagged[slots].copy()), torch.from_numpy(self.ledger.score[slots].copy())
+            return torch.tensor([array[s] if s is not None else missing for s in slots])
+        return torch.from_numpy(array[batch["index"].numpy()].copy())
+
+    def flags(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flagged [B] bool, score [B]) of the batch's samples as the ledger stands before this step."""
+        return self._lookup(batch, self.ledger.flagged, False), self._lookup(batch, self.ledger.score, float("nan"))
+
+    def signal_mean(self, batch: dict, name: str) -> torch.Tensor:
+        """[B] running mean of signal ``name``'s oriented z for the batch's samples (NaN: never seen)."""
+        j = self.signals.index(name)
+        means = np.where(self.ledger.sig_count[:, j] > 0, self.ledger.sig_mean[:, j].astype(np.float32), np.nan)
+        return self._lookup(batch, means, float("nan"))
 
     # ------------------------------------------------------------------ reporting
 
