@@ -302,14 +302,15 @@ class Noised:
     noisy: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
+    mean: torch.Tensor  # the latent distribution's mean (scaled): what the picture is, without the VAE's sampling noise
 
 
 @torch.no_grad()
 def noise_batch(pixel_values: torch.Tensor, vae, noise_scheduler, rng: torch.Generator, noise_offset: float) -> Noised:
     """Latents, noise and timesteps from this rank's generator (part of the checkpoint: exact resume)."""
     bsz, device = pixel_values.shape[0], pixel_values.device
-    latents = vae.encode(pixel_values).latent_dist.sample(generator=rng)
-    latents = (latents * vae.config.scaling_factor).float()
+    dist = vae.encode(pixel_values).latent_dist
+    latents = (dist.sample(generator=rng) * vae.config.scaling_factor).float()
     noise = torch.randn(latents.shape, generator=rng, device=device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=rng, device=device)
@@ -317,7 +318,7 @@ def noise_batch(pixel_values: torch.Tensor, vae, noise_scheduler, rng: torch.Gen
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = (noise_scheduler.get_velocity(latents, noise, timesteps)
               if noise_scheduler.config.prediction_type == "v_prediction" else noise)
-    return Noised(latents, noise, noisy, timesteps, target)
+    return Noised(latents, noise, noisy, timesteps, target, (dist.mean * vae.config.scaling_factor).float())
 
 
 @dataclass
@@ -370,7 +371,7 @@ def train_micro_batch(cfg: DictConfig, accelerator, m: Models, batch: dict, stat
     terms = mitigations.loss_terms(mstep)
     if monitor is not None:
         monitor.after_forward(accelerator, StepRecord(batch, state.step, loss_vec, pred, n.latents, n.noise, n.noisy,
-                                                      n.timesteps, text_emb))
+                                                      n.timesteps, text_emb, n.mean))
 
     # 6. every rank sees every rank's losses: the finite check decides the same on all ranks
     all_losses = accelerator.gather(loss_vec.detach())

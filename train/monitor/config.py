@@ -20,6 +20,15 @@ class FlagConfig:
 
 
 @dataclass
+class NeighbourConfig:
+    """The ``neighbours`` signal (when listed in monitor.signals): train/monitor/neighbours.py."""
+
+    side: int = bounded(4, ge=1)  # latents pooled to side x side cells: channels * side**2 numbers per row
+    threshold: float = bounded(0.95, gt=0.0, le=1.0)  # cosine at which two rows count as look-alikes
+    backend: str = choice("exact", "faiss")  # exact: a matrix product; faiss: for tens of millions of rows
+
+
+@dataclass
 class MonitorConfig:
     """Per-sample memorization signals on every batch, a ledger, and flags (train/monitor)."""
 
@@ -49,6 +58,7 @@ class MonitorConfig:
     stats_horizon: int = bounded(2000, ge=1)
     stats_warmup: int = bounded(8, ge=0)
     flag: FlagConfig = field(default_factory=FlagConfig)
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     # ground truth, when the user names a column of the data that holds it (e.g. "group"): running
     # detection AUCs per kind against the rows labelled negative_label, every detection_every log lines
     label_column: Optional[str] = None

@@ -30,6 +30,7 @@ from train.monitor.capture import AttentionCapture
 from train.monitor.detection import detection_by_kind
 from train.monitor.detector import load_heads
 from train.monitor.ledger import FlagPolicy, Ledger
+from train.monitor.neighbours import embed, make_index, neighbour_signal
 from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
                                    magnitude_signals, stack, token_signals)
 from train.monitor.stats import BinnedStats
@@ -53,6 +54,7 @@ class StepRecord:
     noisy: torch.Tensor
     timesteps: torch.Tensor  # [B]
     text_emb: torch.Tensor
+    latent_mean: Optional[torch.Tensor] = None  # the VAE posterior mean (the neighbours signal embeds it)
 
 
 class Monitor:
@@ -80,6 +82,7 @@ class Monitor:
                             cfg.label_column)
             else:
                 self.labels = np.asarray(table[cfg.label_column], dtype=object)
+        self.neighbours = make_index(cfg, unet.config.in_channels)
         self._log_lines = 0
         self.window_sum = np.zeros(len(self.signals))
         self.window_count = np.zeros(len(self.signals))
@@ -143,10 +146,18 @@ class Monitor:
         raw = stack(values, self.signals, B, device)
         bins = torch.stack([self.stats.bin_of(t_of[s].cpu(), self._lengths) for s in self.signals], 1)
         slots = self._slots(batch)
-        packed = torch.cat([raw.double(), bins.to(device).double(), slots.to(device).double()[:, None]], 1)
-        everyone = accelerator.gather(packed).cpu()
+        parts = [raw.double(), bins.to(device).double(), slots.to(device).double()[:, None]]
+        if self.neighbours is not None:  # each rank's embeddings travel with its signals
+            parts.append(embed(rec.latent_mean if rec.latent_mean is not None else latents, cfg.neighbours.side).double())
+        everyone = accelerator.gather(torch.cat(parts, 1)).cpu()
         S = len(self.signals)
         g_raw, g_bins, g_slots = everyone[:, :S], everyone[:, S:2 * S].long(), everyone[:, 2 * S].long()
+        slots_np = g_slots.numpy()
+        if self.ledger.streaming:  # hashes -> slots, in the same order on every rank
+            slots_np = self.ledger.slots_for(None, slots_np)
+        if self.neighbours is not None:  # every rank adds the same gathered rows in the same order
+            counts = self.neighbours.add(slots_np, everyone[:, 2 * S + 1:].float().numpy())
+            g_raw[:, self.signals.index("neighbours")] = neighbour_signal(counts)
         # against the population before this batch; |z| > 20 carries no more information and would
         # overflow the ledger's half-precision arrays
         z = (self.stats.normalize(g_raw, g_bins) * self.orientation).clamp(-20, 20)
@@ -154,9 +165,6 @@ class Monitor:
         seen = ~torch.isnan(g_raw)
         self.window_sum += torch.nan_to_num(g_raw).sum(0).numpy()
         self.window_count += seen.sum(0).numpy()
-        slots_np = g_slots.numpy()
-        if self.ledger.streaming:  # hashes -> slots, in the same order on every rank
-            slots_np = self.ledger.slots_for(None, slots_np)
         self.ledger.update(slots_np, z.numpy(), step)
 
     def _slots(self, batch: dict) -> torch.Tensor:
@@ -275,7 +283,8 @@ class Monitor:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"ledger.{k}": v for k, v in self.ledger.state_tensors().items()},
-                **{f"stats.{k}": v for k, v in self.stats.state_dict().items()}}
+                **{f"stats.{k}": v for k, v in self.stats.state_dict().items()},
+                **{f"neighbours.{k}": v for k, v in (self.neighbours.state_tensors() if self.neighbours else {}).items()}}
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -292,6 +301,12 @@ class Monitor:
         tensors = load_file(str(file))
         self.ledger.load_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("ledger.")})
         self.stats.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("stats.")})
+        if self.neighbours is not None:
+            index = {k[11:]: v for k, v in tensors.items() if k.startswith("neighbours.")}
+            if not index:
+                raise ValueError(f"checkpoint {checkpoint} has no neighbour index (the run did not compute "
+                                 "monitor signal 'neighbours'): resume with the same monitor.signals")
+            self.neighbours.load_tensors(index)
 
     def write_parquet(self, path: Path) -> None:
         kwargs: dict[str, Any] = {}
@@ -303,6 +318,11 @@ class Monitor:
                 kwargs["captions"] = self.table[self.caption_column]
             if self.labels is not None:
                 kwargs["extra"] = {self.cfg.label_column: self.labels.tolist()}
+        if self.neighbours is not None and not self.ledger.streaming:
+            counts = np.zeros(self.ledger.capacity, np.int64)
+            n = min(len(self.neighbours.count), len(counts))
+            counts[:n] = self.neighbours.count[:n]
+            kwargs["extra"] = {**kwargs.get("extra", {}), "neighbour_count": counts.tolist()}
         self.ledger.write_parquet(path, **kwargs)
 
     def remove(self) -> None:

@@ -15,6 +15,8 @@ suspicious" holds for all of them.
                     the running loss at similar noise (IET-AGC): memorized samples are fit too well
 - ``magnitude``     ||eps(x_t, c) - eps(x_t, "")||_2 (Wen et al.), every k steps on a subset
 - ``be_magnitude``  the same difference masked by the BE map: ||d * m||_2 / mean(m) (Chen et al.)
+- ``neighbours``    log(1 + the number of distinct rows seen so far whose pooled latent looks like this
+                    row's): how often its picture recurs (train/monitor/neighbours.py; opt-in)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 ORIENTATION = {
     "be_mass": +1.0, "be_topk": +1.0, "be_entropy": -1.0, "token_entropy": +1.0, "start_mass": +1.0,
-    "loss": -1.0, "magnitude": +1.0, "be_magnitude": +1.0,
+    "loss": -1.0, "magnitude": +1.0, "be_magnitude": +1.0, "neighbours": +1.0,
 }
 SIGNALS = tuple(ORIENTATION)
 BE_SIGNALS = ("be_mass", "be_topk", "be_entropy")

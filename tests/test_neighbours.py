@@ -1,0 +1,69 @@
+"""The online near-duplicate count (monitor signal ``neighbours``): index, persistence, trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import fast_overrides
+
+from train.monitor.neighbours import NeighbourIndex, embed
+
+
+def unit(*values) -> np.ndarray:
+    v = np.asarray(values, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_counts_look_alikes_across_and_within_batches_once_per_row():
+    index = NeighbourIndex(dim=3, threshold=0.95)
+    a, a2, b = unit(1, 0, 0), unit(1, 0.05, 0), unit(0, 1, 0)
+    assert index.add(np.array([0, 2]), np.stack([a, b])).tolist() == [0, 0]
+    # slot 1 looks like slot 0; slot 3 like slot 1 inside the same batch; slot 0 again changes nothing
+    counts = index.add(np.array([1, 3, 0]), np.stack([a2, a2, a]))
+    assert counts.tolist() == [2, 2, 2] and index.count[:4].tolist() == [2, 2, 0, 2]
+    assert index.add(np.array([5]), b[None]).tolist() == [1] and index.count[2] == 1  # grows past capacity 4
+
+
+def test_state_round_trip_and_the_faiss_backend_agree():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 8)).astype(np.float32)
+    vectors = np.concatenate([base, base[:5] + 0.01 * rng.normal(size=(5, 8)).astype(np.float32)])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    exact = NeighbourIndex(8, 0.99, capacity=4)
+    exact.add(np.arange(15), vectors[:15])
+    again = NeighbourIndex(8, 0.99)
+    again.load_tensors(exact.state_tensors())  # a resumed run continues with the same index
+    for index in (exact, again):
+        index.add(np.arange(15, 25), vectors[15:])
+    assert exact.count.tolist()[:25] == again.count.tolist()[:25]
+    assert exact.count[:5].tolist() == [1] * 5 and exact.count[20:25].tolist() == [1] * 5
+    pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
+    fast = NeighbourIndex(8, 0.99, backend="faiss")
+    fast.add(np.arange(25), vectors)
+    assert fast.count[:25].tolist() == exact.count[:25].tolist()
+
+
+def test_embedding_is_unit_length_and_ignores_brightness_offsets():
+    latents = torch.randn(2, 4, 16, 16)
+    e = embed(torch.cat([latents, latents + 3.0]))  # a constant offset is centred away
+    assert e.shape == (4, 64) and torch.allclose(e.norm(dim=1), torch.ones(4))
+    assert torch.allclose(e[:2], e[2:], atol=1e-5)
+
+
+def test_the_trainer_counts_repeated_images(tmp_path, cache_dir):
+    from test_mitigate import stamped_folder
+
+    from train.finetune import main
+
+    folder = stamped_folder(tmp_path / "d")  # rows 9-12: one image four times; the rest noise
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 4, "train.max_steps": 4,
+        "monitor.signals": "[loss,neighbours]", "monitor.neighbours.threshold": 0.99,
+        "train.checkpoint_every": 2}))
+    ledger = pq.read_table(run / "ledger.parquet").to_pydict()
+    counts = dict(zip(ledger["sample_id"], ledger["neighbour_count"]))
+    assert [counts[f"id-{i}"] for i in (9, 10, 11, 12)] == [3, 3, 3, 3]
+    assert all(counts[f"id-{i}"] == 0 for i in range(9))
+    assert "neighbours_mean" in ledger

@@ -1,0 +1,140 @@
+"""How many near-duplicates of each row has the run seen? An online count from a compact embedding.
+
+A row whose picture recurs in the data is memorized first (Carlini et al.; Somepalli et al.), and
+the count is known from the first epoch, long before a copy can be generated. De-duplication
+before training (:mod:`train.mitigate.dedup`) needs the whole data set up front; this count is
+built while training, so it also works on streamed data.
+
+* Embedding (:func:`embed`): the VAE latent the step already computed, average-pooled to
+  ``side`` x ``side`` cells, centred and L2-normalised: ``channels * side**2`` numbers (64 for SD's
+  4 latent channels at side 4), kept in float16 per row. Pooling forgives re-encoding, small shifts
+  and colour jitter; a crop to 60% of the picture moves it further (docs/detection.md measures
+  which transforms it still groups).
+* Index (:class:`NeighbourIndex`): a row's embedding is stored at its first sighting, compared by
+  cosine with every row stored so far, and each pair at or above ``threshold`` raises both rows'
+  counts, so ``count[i]`` is the number of distinct seen rows that look like row i. The exact
+  search is a matrix product (on the step's device; at 1M rows 64 MFLOP per new row). Past tens of
+  millions of rows use ``backend: faiss`` (faiss-cpu / faiss-gpu, an inverted-file index: memory
+  ~``dim`` bytes per row with 8-bit codes, sublinear search).
+
+Every rank holds the same index and updates it with the gathered batch in the same order, like the
+ledger, so all ranks agree on the counts without another collective.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def embed(latents: torch.Tensor, side: int = 4) -> torch.Tensor:
+    """[B, C * side**2] unit vectors from [B, C, h, w] latents."""
+    pooled = F.adaptive_avg_pool2d(latents.detach().float(), side).flatten(1)
+    pooled = pooled - pooled.mean(dim=1, keepdim=True)
+    return F.normalize(pooled, dim=1)
+
+
+class NeighbourIndex:
+    """Per slot: the count of other stored slots within ``threshold``; the stored embeddings (first
+    sighting of each slot) as an append-only float32 matrix whose row ``k`` is slot ``order[k]``."""
+
+    def __init__(self, dim: int, threshold: float, capacity: int = 1024, backend: str = "exact"):
+        if backend not in ("exact", "faiss"):
+            raise ValueError(f"neighbour backend must be exact or faiss, got {backend!r}")
+        self.dim, self.threshold, self.backend = dim, float(threshold), backend
+        self.matrix = np.zeros((capacity, dim), np.float32)
+        self.order = np.zeros(capacity, np.int64)
+        self.size = 0
+        self.stored = np.zeros(capacity, bool)  # by slot
+        self.count = np.zeros(capacity, np.int32)  # by slot
+        self._faiss = None
+
+    @staticmethod
+    def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
+        new = np.zeros((capacity,) + array.shape[1:], array.dtype)
+        new[: len(array)] = array
+        return new
+
+    def _search(self, queries: np.ndarray) -> list[np.ndarray]:
+        """For each query, the stored slots within the threshold."""
+        if self.size == 0:
+            return [np.zeros(0, np.int64) for _ in queries]
+        if self.backend == "faiss":
+            lims, _, ids = self._faiss_index().range_search(queries, self.threshold)
+            return [ids[lims[i]:lims[i + 1]].astype(np.int64) for i in range(len(queries))]
+        sims = torch.from_numpy(queries) @ torch.from_numpy(self.matrix[: self.size]).T
+        return [self.order[: self.size][row.numpy()] for row in (sims >= self.threshold)]
+
+    def _faiss_index(self):
+        if self._faiss is None:
+            try:
+                import faiss
+            except ImportError as exc:
+                raise ImportError("monitor.neighbours.backend=faiss needs faiss-cpu or faiss-gpu "
+                                  "(pip install faiss-cpu)") from exc
+            self._faiss = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+            self._faiss.add_with_ids(self.matrix[: self.size], self.order[: self.size])
+        return self._faiss
+
+    def add(self, slots: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Store the slots seen for the first time and count them against everything stored and
+        each other; return every given slot's count."""
+        slots, vectors = np.asarray(slots, np.int64), np.asarray(vectors, np.float32)
+        if len(slots) and slots.max() >= len(self.stored):
+            capacity = max(2 * len(self.stored), int(slots.max()) + 1)
+            self.stored, self.count = self._grown(self.stored, capacity), self._grown(self.count, capacity)
+        _, first = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
+        new = np.sort(first[~self.stored[slots[first]]])
+        if len(new):
+            new_slots, queries = slots[new], vectors[new]
+            for slot, hits in zip(new_slots, self._search(queries)):
+                np.add.at(self.count, hits, 1)
+                self.count[slot] += len(hits)
+            close = np.triu((queries @ queries.T) >= self.threshold, k=1)  # pairs inside this batch
+            i, j = np.nonzero(close)
+            np.add.at(self.count, new_slots[i], 1)
+            np.add.at(self.count, new_slots[j], 1)
+            if self.size + len(new) > len(self.matrix):
+                capacity = max(2 * len(self.matrix), self.size + len(new))
+                self.matrix, self.order = self._grown(self.matrix, capacity), self._grown(self.order, capacity)
+            self.matrix[self.size:self.size + len(new)] = queries
+            self.order[self.size:self.size + len(new)] = new_slots
+            self.size += len(new)
+            self.stored[new_slots] = True
+            if self._faiss is not None:
+                self._faiss.add_with_ids(queries, new_slots)
+        return self.count[slots]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"matrix": torch.from_numpy(self.matrix[: self.size].copy()),
+                "order": torch.from_numpy(self.order[: self.size].copy()), "count": torch.from_numpy(self.count.copy())}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.matrix, self.order = tensors["matrix"].numpy().copy(), tensors["order"].numpy().copy()
+        self.size = len(self.order)
+        self.count = tensors["count"].numpy().astype(np.int32)
+        self.stored = np.zeros(len(self.count), bool)
+        self.stored[self.order] = True
+        self._faiss = None  # rebuilt from the stored vectors on the next search
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Memory per stored row: the embedding, its slot, the slot's flag and count."""
+        return self.matrix.itemsize * self.dim + self.order.itemsize + self.stored.itemsize + self.count.itemsize
+
+
+def neighbour_signal(counts: np.ndarray) -> torch.Tensor:
+    """The ledger's ``neighbours`` signal: log(1 + count) (a row seen with 24 look-alikes is not
+    24 times as suspicious as one with a single twin)."""
+    return torch.from_numpy(np.log1p(np.asarray(counts, np.float64)))
+
+
+def make_index(cfg, latent_channels: int) -> Optional[NeighbourIndex]:
+    """The monitor's index when ``neighbours`` is among its signals (None otherwise)."""
+    if "neighbours" not in cfg.signals:
+        return None
+    return NeighbourIndex(latent_channels * cfg.neighbours.side ** 2, cfg.neighbours.threshold,
+                          backend=cfg.neighbours.backend)
