@@ -48,8 +48,8 @@ def test_fitted_heads_find_each_kind_on_rows_they_were_not_fit_on():
         labels = np.array(["clean"] * n + ["global"] * (n // 10) + ["local"] * (n // 10))
         x = rng.normal(size=(len(labels), len(SIGNALS)))
         x[labels == "global", SIGNALS.index("loss")] += 2.5
-        x[labels == "local", SIGNALS.index("be_topk")] += 1.5
-        x[labels == "local", SIGNALS.index("token_entropy")] -= 1.5
+        x[labels == "local", SIGNALS.index("be_topk")] += 2.0
+        x[labels == "local", SIGNALS.index("token_entropy")] -= 2.0
         return x, labels
 
     spec = fit_heads(*rows(2000), SIGNALS, {"global": ["global"], "local": ["local"]})
