@@ -47,7 +47,7 @@ def test_state_round_trip_and_the_faiss_backend_agree():
 
 def test_embedding_is_unit_length_and_ignores_brightness_offsets():
     latents = torch.randn(2, 4, 16, 16)
-    e = embed(torch.cat([latents, latents + 3.0]))  # a constant offset is centred away
+    e = embed(torch.cat([latents, latents + 3.0]), side=4)  # a constant offset is centred away
     assert e.shape == (4, 64) and torch.allclose(e.norm(dim=1), torch.ones(4))
     assert torch.allclose(e[:2], e[2:], atol=1e-5)
 

@@ -23,8 +23,11 @@ class FlagConfig:
 class NeighbourConfig:
     """The ``neighbours`` signal (when listed in monitor.signals): train/monitor/neighbours.py."""
 
-    side: int = bounded(4, ge=1)  # latents pooled to side x side cells: channels * side**2 numbers per row
-    threshold: float = bounded(0.95, gt=0.0, le=1.0)  # cosine at which two rows count as look-alikes
+    # latents pooled to side x side cells: channels * side**2 numbers per row (256 for SD's 4 channels).
+    # Coarser pooling made every white-background testbed image a look-alike of every other
+    # (docs/detection.md: python -m launch.testbed.neighbour_recall)
+    side: int = bounded(8, ge=1)
+    threshold: float = bounded(0.99, gt=0.0, le=1.0)  # cosine at which two rows count as look-alikes
     backend: str = choice("exact", "faiss")  # exact: a matrix product; faiss: for tens of millions of rows
 
 

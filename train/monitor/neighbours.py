@@ -5,17 +5,18 @@ the count is known from the first epoch, long before a copy can be generated. De
 before training (:mod:`train.mitigate.dedup`) needs the whole data set up front; this count is
 built while training, so it also works on streamed data.
 
-* Embedding (:func:`embed`): the VAE latent the step already computed, average-pooled to
-  ``side`` x ``side`` cells, centred and L2-normalised: ``channels * side**2`` numbers (64 for SD's
-  4 latent channels at side 4), kept in float16 per row. Pooling forgives re-encoding, small shifts
-  and colour jitter; a crop to 60% of the picture moves it further (docs/detection.md measures
-  which transforms it still groups).
+* Embedding (:func:`embed`): the VAE posterior mean the step already computed, average-pooled to
+  ``side`` x ``side`` cells, centred and L2-normalised: ``channels * side**2`` numbers (256 for SD's
+  4 latent channels at the default side 8). It finds exact and near-exact repeats; crops, shifts
+  and rotations move it as far as a different picture (docs/detection.md measures which kinds it
+  groups).
 * Index (:class:`NeighbourIndex`): a row's embedding is stored at its first sighting, compared by
   cosine with every row stored so far, and each pair at or above ``threshold`` raises both rows'
   counts, so ``count[i]`` is the number of distinct seen rows that look like row i. The exact
-  search is a matrix product (on the step's device; at 1M rows 64 MFLOP per new row). Past tens of
-  millions of rows use ``backend: faiss`` (faiss-cpu / faiss-gpu, an inverted-file index: memory
-  ~``dim`` bytes per row with 8-bit codes, sublinear search).
+  search is a matrix product over the stored float32 rows (``4 * dim`` bytes a row: 1 GB at 1M
+  rows of dim 256). Past a few million rows use ``backend: faiss`` (faiss-cpu / faiss-gpu); its
+  flat index keeps the same bytes, so at 100M rows swap in a compressed one (8-bit scalar codes:
+  ``dim`` bytes a row, 26 GB) as a one-line change in :meth:`NeighbourIndex._faiss_index`.
 
 Every rank holds the same index and updates it with the gathered batch in the same order, like the
 ledger, so all ranks agree on the counts without another collective.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 
-def embed(latents: torch.Tensor, side: int = 4) -> torch.Tensor:
+def embed(latents: torch.Tensor, side: int = 8) -> torch.Tensor:
     """[B, C * side**2] unit vectors from [B, C, h, w] latents."""
     pooled = F.adaptive_avg_pool2d(latents.detach().float(), side).flatten(1)
     pooled = pooled - pooled.mean(dim=1, keepdim=True)
