@@ -104,8 +104,8 @@ def test_caption_dup_rows_share_one_caption_and_no_pixels(builds):
         assert all(np.abs(images[0] - other).mean() > 5 for other in images[1:])
 
 
-def test_v5_builds_keep_their_bytes_and_cache_key():
-    """The v6 knobs at their defaults change nothing a v5 build records."""
+def test_v6_knobs_at_their_defaults_stay_out_of_the_record():
+    """The v6 knobs at their defaults change nothing a v5 build records (manifest params, cache key)."""
     params = TestbedParams.create(resolution=16, n_clean=4)
     assert "n_near_global" not in params.recorded() and not params.has_v6
     assert "n_near_global" in TestbedParams.create(resolution=16, n_clean=4, n_near_global=1).recorded()
