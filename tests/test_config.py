@@ -55,6 +55,9 @@ def test_later_files_and_overrides_win(tmp_path):
     (["mitigate.dedup.min_t=-1"], r"min_t=-1 is out of range"),
     (["mitigate.dedup.by=sampling"], r"dedup.by=sampling acts on row weights"),
     (["mitigate.weights.mode=drop", "monitor.enabled=false"], r"mitigate.weights acts on the monitor's flags"),
+    (["monitor.flag.policy=calibrated", "monitor.detector=weighted"], r"policy=calibrated flags by the detector heads"),
+    (["monitor.detector=heads", "monitor.flag.policy=calibrated", "monitor.flag.probability=0.4"],
+     r"probability_off must be <= monitor\.flag\.probability"),
     # numbers that torch would only reject later, or never (issue 20)
     (["train.lr=nan"], r"train\.lr=nan must be a finite number"),
     (["train.lr=inf"], r"train\.lr=inf must be a finite number"),
@@ -121,4 +124,4 @@ def test_real_checkpoint_configs_undo_the_embedded_demo(model):
                       base=REPO_ROOT / "configs" / "base.yaml")
     assert cfg.data.filter_column is None and cfg.monitor.label_column is None and cfg.eval.every == 0
     assert not cfg.train.text_encoder and cfg.eval.stratify_column is None
-    assert cfg.monitor.detector == "heads" and cfg.monitor.flag.policy == "zscore"
+    assert cfg.monitor.detector == "heads" and cfg.monitor.flag.policy == "calibrated"

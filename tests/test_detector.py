@@ -58,3 +58,30 @@ def test_fitted_heads_find_each_kind_on_rows_they_were_not_fit_on():
     result = detection_by_kind(head_scores(heads, x).max(axis=1), labels, "clean", ["global", "local"])
     assert result["global"]["auc"] > 0.9 and result["local"]["auc"] > 0.9
     assert spec["heads"]["local"]["coef"]["token_entropy"] < 0 < spec["heads"]["global"]["coef"]["loss"]
+
+
+def test_the_calibrated_policy_flags_a_kind_that_is_too_common_for_a_z_score():
+    # 30% of the rows fit far too well: against their own population their score is not an outlier
+    # (the z-score policy flags none), but the head's probability says each is memorized
+    heads = np.array([[-4.0, 4.0]], np.float32)  # one head on one signal: P = 0.5 at z = 1
+    z = np.zeros((100, 1), np.float32)
+    z[:30] = 2.0
+    ledgers = {name: Ledger(100, ["loss"], [1.0], FlagPolicy(policy=name, min_obs=1, raise_at=3.0, clear_at=2.0),
+                            heads=heads) for name in ("zscore", "calibrated")}
+    for ledger in ledgers.values():
+        for step in range(2):
+            ledger.update(np.arange(100), z, step)
+    assert not ledgers["zscore"].flagged.any()
+    assert ledgers["calibrated"].flagged.nonzero()[0].tolist() == list(range(30))
+    # hysteresis on the probability scale: P 0.6 keeps a flag (>= 0.5) but does not raise one (< 0.73)
+    ledger = ledgers["calibrated"]
+    target_mean = (4.0 + np.log(0.6 / 0.4)) / 4.0  # the flagged rows' running mean z at which P = 0.6
+    third = np.full((100, 1), 3 * target_mean - 2 * 2.0, np.float32)  # their mean after a third observation
+    ledger.update(np.arange(100), third, 2)
+    assert ledger.score[0] == pytest.approx(np.log(0.6 / 0.4), abs=1e-2)
+    assert ledger.flagged[:30].all() and not ledger.flagged[30:].any()
+
+
+def test_the_calibrated_policy_needs_the_heads():
+    with pytest.raises(ValueError, match="detector=heads"):
+        Ledger(10, ["loss"], [1.0], FlagPolicy(policy="calibrated"))

@@ -253,6 +253,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"monitor.signals: unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
     if mon.flag.clear_at > mon.flag.raise_at and mon.flag.policy != "quantile":
         raise ConfigError("monitor.flag.clear_at must be <= monitor.flag.raise_at (hysteresis)")
+    if mon.flag.policy == "calibrated" and mon.detector != "heads":
+        raise ConfigError("monitor.flag.policy=calibrated flags by the detector heads' probability: set "
+                          "monitor.detector=heads, or another monitor.flag.policy (zscore, quantile, absolute)")
+    if mon.flag.probability_off > mon.flag.probability:
+        raise ConfigError("monitor.flag.probability_off must be <= monitor.flag.probability (hysteresis)")
     if mon.flag.quantile > mon.flag.quantile_off:
         raise ConfigError("monitor.flag.quantile must be <= monitor.flag.quantile_off")
     from train.mitigate import REGISTRY

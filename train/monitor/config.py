@@ -10,13 +10,20 @@ from train.util import bounded, choice
 
 @dataclass
 class FlagConfig:
-    policy: str = choice("zscore", "quantile", "absolute")  # see train/monitor/ledger.py
+    # calibrated: the shipped detector's own decision rule (detector: heads), no threshold to read
+    # off the data; zscore | quantile: relative to the run's population; absolute: fixed scores.
+    # See train/monitor/ledger.py and README "Memorization monitor".
+    policy: str = choice("calibrated", "zscore", "quantile", "absolute")
     min_obs: int = bounded(2, ge=1)
     # named raise_at/clear_at, not on/off: YAML reads a bare `on:` key as the boolean true
     raise_at: float = 3.0  # flag when the score (zscore: its z; absolute: itself) reaches this
     clear_at: float = 2.0  # ... and keep the flag until it falls below this (hysteresis)
     quantile: float = bounded(0.02, gt=0.0, lt=1.0)
     quantile_off: float = bounded(0.04, gt=0.0, lt=1.0)
+    # calibrated: flag when a head's probability of memorization reaches probability, keep the flag
+    # while it stays at or above probability_off (0.73 / 0.5 = head logits 1 / 0)
+    probability: float = bounded(0.73, gt=0.0, lt=1.0)
+    probability_off: float = bounded(0.5, gt=0.0, lt=1.0)
 
 
 @dataclass

@@ -8,6 +8,10 @@ last step seen, the combined score, the flag and the step it was first raised.
 
 Flags follow a policy with hysteresis (raised at ``raise_at``, cleared only below ``clear_at``) so a sample near
 the threshold does not flip every step:
+- ``calibrated``: the detector heads' probability of memorization (the score is the largest head's
+  logit, so the thresholds are logits of ``probability`` / ``probability_off``): the heads' scale is
+  the one they were fitted on, not the run's population, so a kind that makes up a large share of
+  the rows is still flagged (a z-score against a population that is 14% copies flags none of them),
 - ``zscore``: the score's z against all scored samples (population sums kept incrementally),
 - ``quantile``: the top fraction of scored samples (a fixed-bin histogram kept incrementally),
 - ``absolute``: fixed score thresholds.
@@ -30,12 +34,18 @@ HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-
 
 @dataclass
 class FlagPolicy:
-    policy: str = "zscore"  # zscore | quantile | absolute
+    policy: str = "zscore"  # calibrated | zscore | quantile | absolute (the run config defaults to calibrated)
     min_obs: int = 2  # observations before a sample can be scored and flagged
     raise_at: float = 3.0  # zscore: z of the score; absolute: the score itself
     clear_at: float = 2.0
     quantile: float = 0.02  # quantile policy: flag the top 2% ...
     quantile_off: float = 0.04  # ... and keep them flagged while in the top 4%
+    probability: float = 0.73  # calibrated policy: flag at this probability of memorization ...
+    probability_off: float = 0.5  # ... and keep the flag while at or above this
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1.0 - p)))
 
 
 class Ledger:
@@ -44,6 +54,8 @@ class Ledger:
         self.signals, self.policy, self.streaming = tuple(signals), policy, streaming
         self.weights = np.asarray(weights, dtype=np.float32)
         self.heads = heads  # [K, 1 + S] (train/monitor/detector.py): score = the largest head; None: weighted mean
+        if policy.policy == "calibrated" and heads is None:
+            raise ValueError("the calibrated flag policy reads the detector heads' probabilities: use detector=heads")
         S = len(self.signals)
         self.capacity = capacity
         self.slots: dict[int, int] = {}  # streams only: sample-id hash -> slot
@@ -111,6 +123,8 @@ class Ledger:
     def thresholds(self) -> tuple[float, float]:
         """(on, off) on the score scale, from the policy and the current population."""
         p = self.policy
+        if p.policy == "calibrated":
+            return _logit(p.probability), _logit(p.probability_off)
         if p.policy == "absolute":
             return p.raise_at, p.clear_at
         if p.policy == "quantile":
