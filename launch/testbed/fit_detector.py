@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from launch.testbed.reading import emit_table
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.monitor.detection import detection_by_kind
+from train.monitor.config import FlagConfig
 from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores
 from train.monitor.signals import SIGNALS
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit", nargs="+", required=True, help="run folder(s) whose ledgers fit the heads")
     p.add_argument("--validate", nargs="*", default=[], help="run folders scored with the fitted heads")
     p.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
+    p.add_argument("--probability", type=float, default=FlagConfig.probability,
+                   help="the calibrated flag policy's threshold: the share of rows at or above it is reported")
     p.add_argument("--write", action="store_true", help=f"store the heads in {DETECTOR_FILE}")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
@@ -59,19 +62,22 @@ def main(argv: list[str] | None = None) -> int:
              for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
     spec["fit_on"] = [str(r) for r in a.fit]
-    lines = ["| run | role | kind | heads AUC | heads TPR@1%FPR | equal-weight AUC | loss-only AUC |",
-             "|---|---|---|---|---|---|---|"]
+    on = float(np.log(a.probability / (1 - a.probability)))  # the heads' score is a logit
+    lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | "
+             "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|"]
     for role, runs in (("fit", a.fit), ("validate", a.validate)):
         for run in runs:
             run_means, run_groups = ledger_means(run)
             labels = sorted(set(run_groups) - {"clean", "heldout"})
-            results = {name: detection_by_kind(score, run_groups, "clean", labels)
-                       for name, score in scores(spec, run_means).items()}
+            run_scores = scores(spec, run_means)
+            results = {name: detection_by_kind(score, run_groups, "clean", labels) for name, score in run_scores.items()}
+            flagged = {kind: float((run_scores["heads"][run_groups == kind] >= on).mean()) for kind in labels + ["clean"]}
             for kind in labels:
                 h, e, l = (results[n].get(kind, {}) for n in ("heads", "equal-weight mean", "loss only"))
                 lines.append(f"| {run} | {role} | {kind} | {h.get('auc', float('nan')):.3f} | "
-                             f"{h.get('tpr_at_1fpr', float('nan')):.2f} | {e.get('auc', float('nan')):.3f} | "
-                             f"{l.get('auc', float('nan')):.3f} |")
+                             f"{h.get('tpr_at_1fpr', float('nan')):.2f} | {flagged[kind]:.1%} | "
+                             f"{e.get('auc', float('nan')):.3f} | {l.get('auc', float('nan')):.3f} |")
+            lines.append(f"| {run} | {role} | clean (false flags) | | | {flagged['clean']:.1%} | | |")
     print(json.dumps(spec["heads"], indent=1))
     emit_table(lines, a.out)
     if a.write:
