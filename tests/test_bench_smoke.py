@@ -23,3 +23,18 @@ def test_bench_gpu_runs_at_tiny_size_and_prints_its_table():
     for r in summary["results"].values():  # every configuration trained and was timed and measured
         assert r["step_ms"] > 0 and r["rss_gb"] > 0
         assert r["samples_per_s"] == pytest.approx(4 / (r["step_ms"] / 1000))  # batch 4
+
+
+@pytest.mark.parametrize("ema_gc", [False, True])
+def test_bench_gpu_times_copyguard_with_the_configuration_it_names(tmp_path, ema_gc):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "tests" / "bench" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(size="tiny", resolution=32, workers=0, batch=4, steps=4, every=1, ema_gc=ema_gc)
+    from train.config import load_config
+
+    cfg = load_config(overrides=bench.overrides(args, tmp_path, tmp_path / "out"))
+    assert cfg.train.use_ema is ema_gc and cfg.train.gradient_checkpointing is ema_gc

@@ -100,7 +100,8 @@ def overrides(args, work: Path, out: Path) -> list[str]:
         f"data.resolution={args.resolution}", f"data.num_workers={args.workers}", f"train.batch_size={args.batch}",
         f"train.max_steps={args.steps}", f"train.checkpoint_every={10 * args.steps}", f"logging.every={args.every}",
         "logging.progress_bar=false", "validation.prompts=[]", "train.lr=1e-5", "train.lr_warmup_steps=0",
-        "train.mixed_precision=" + ("bf16" if cuda else "'no'"),  # quoted: YAML reads a bare no as false, f"train.use_ema={str(args.ema_gc).lower()}",
+        # 'no' quoted: YAML reads a bare no as false
+        "train.mixed_precision=" + ("bf16" if cuda else "'no'"), f"train.use_ema={str(args.ema_gc).lower()}",
         f"train.gradient_checkpointing={str(args.ema_gc).lower()}", "train.caption_dropout=0.0",
     ]
 
