@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -67,3 +69,43 @@ def test_the_trainer_counts_repeated_images(tmp_path, cache_dir):
     assert [counts[f"id-{i}"] for i in (9, 10, 11, 12)] == [3, 3, 3, 3]
     assert all(counts[f"id-{i}"] == 0 for i in range(9))
     assert "neighbours_mean" in ledger
+
+
+def test_look_alike_chains_form_one_group_and_a_flag_weighs_the_group_as_one_row():
+    index = NeighbourIndex(dim=3, threshold=0.99)
+    a, b, c = unit(1, 0, 0), unit(1, 0.12, 0), unit(1, 0.24, 0)  # a~b and b~c at 0.99, a and c not
+    other = unit(0, 1, 0)
+    index.add(np.array([0, 1]), np.stack([a, other]))
+    index.add(np.array([2, 3]), np.stack([b, c]))  # b joins a's group; c joins through b
+    assert len({index.root(s) for s in (0, 2, 3)}) == 1 and index.root(1) == 1
+    assert index.group_weights(np.array([0, 1, 2, 3])).tolist() == [1, 1, 1, 1]  # nothing flagged yet
+    index.mark_flagged(np.array([3]))
+    assert index.group_weights(np.array([0, 1, 2, 3, 9])).tolist() == pytest.approx([1 / 3, 1, 1 / 3, 1 / 3, 1])
+    again = NeighbourIndex(dim=3, threshold=0.99)
+    again.load_tensors(index.state_tensors())  # resume keeps the groups and their flags
+    assert again.group_weights(np.array([0, 1, 2, 3])).tolist() == pytest.approx([1 / 3, 1, 1 / 3, 1 / 3])
+    again.add(np.array([4]), a[None])  # a later look-alike joins the flagged group
+    assert again.group_weights(np.array([4])).tolist() == pytest.approx([1 / 4])
+
+
+def test_the_trainer_weighs_a_flagged_group_of_repeats_as_one_row(tmp_path, cache_dir):
+    from test_mitigate import stamped_folder
+
+    from train.finetune import main
+
+    folder = stamped_folder(tmp_path / "d")  # rows 9-12: one image four times
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **{
+        "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 13,
+        "monitor.signals": "[loss,neighbours]", "monitor.detector": "weighted",
+        # flag every row from its first score: this test is about what the flags drive
+        "monitor.flag.policy": "absolute", "monitor.flag.min_obs": 1, "monitor.flag.raise_at": -100.0,
+        "monitor.flag.clear_at": -100.0, "monitor.stats_warmup": 0, "mitigate.weights.mode": "group",
+        "train.max_steps": 4, "logging.every": 1}))
+    ledger = pq.read_table(run / "ledger.parquet").to_pydict()
+    group = dict(zip(ledger["sample_id"], ledger["neighbour_group"]))
+    assert len({group[f"id-{i}"] for i in (9, 10, 11, 12)}) == 1
+    assert len({group[f"id-{i}"] for i in range(9)}) == 9
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    weights = [r["mitig/mean_weight"] for r in rows if "mitig/mean_weight" in r]
+    # step 1 sees every row for the first time (all weigh 1); from step 2 the four repeats weigh 1/4 each
+    assert weights[0] == pytest.approx(1.0) and weights[-1] == pytest.approx((9 + 4 * 0.25) / 13)

@@ -166,6 +166,8 @@ class Monitor:
         self.window_sum += torch.nan_to_num(g_raw).sum(0).numpy()
         self.window_count += seen.sum(0).numpy()
         self.ledger.update(slots_np, z.numpy(), step)
+        if self.neighbours is not None:
+            self.neighbours.mark_flagged(slots_np[self.ledger.flagged[slots_np]])
 
     def _slots(self, batch: dict) -> torch.Tensor:
         if not self.ledger.streaming:
@@ -192,6 +194,15 @@ class Monitor:
     def flags(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(flagged [B] bool, score [B]) of the batch's samples as the ledger stands before this step."""
         return self._lookup(batch, self.ledger.flagged, False), self._lookup(batch, self.ledger.score, float("nan"))
+
+    def group_weights(self, batch: dict) -> torch.Tensor:
+        """[B] 1 / (rows in the sample's look-alike group) where the group holds a flagged row, else 1
+        (train/monitor/neighbours.py; needs the ``neighbours`` signal)."""
+        if self.ledger.streaming:
+            slots = np.array([self.ledger.slots.get(int(h), -1) for h in self._slots(batch).tolist()], np.int64)
+        else:
+            slots = batch["index"].numpy()
+        return torch.from_numpy(self.neighbours.group_weights(slots))
 
     def signal_mean(self, batch: dict, name: str) -> torch.Tensor:
         """[B] running mean of signal ``name``'s oriented z for the batch's samples (NaN: never seen)."""
@@ -322,7 +333,10 @@ class Monitor:
             counts = np.zeros(self.ledger.capacity, np.int64)
             n = min(len(self.neighbours.count), len(counts))
             counts[:n] = self.neighbours.count[:n]
-            kwargs["extra"] = {**kwargs.get("extra", {}), "neighbour_count": counts.tolist()}
+            groups = np.arange(self.ledger.capacity, dtype=np.int64)  # a row's group: its root row
+            groups[:n] = [self.neighbours.root(slot) for slot in range(n)]
+            kwargs["extra"] = {**kwargs.get("extra", {}), "neighbour_count": counts.tolist(),
+                               "neighbour_group": groups.tolist()}
         self.ledger.write_parquet(path, **kwargs)
 
     def remove(self) -> None:

@@ -20,6 +20,11 @@ built while training, so it also works on streamed data.
 
 Every rank holds the same index and updates it with the gathered batch in the same order, like the
 ledger, so all ranks agree on the counts without another collective.
+
+The look-alike pairs also join rows into groups (union-find over slots: a group is every row
+linked to another by a chain of look-alikes), so a flag-driven mitigation can act on the whole
+group of a flagged row (``mitigate.weights.mode: group``): the online counterpart of the
+de-duplication pre-pass, acting only once the monitor says the group is being memorized.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class NeighbourIndex:
         self.size = 0
         self.stored = np.zeros(capacity, bool)  # by slot
         self.count = np.zeros(capacity, np.int32)  # by slot
+        self.parent = np.arange(capacity, dtype=np.int64)  # by slot: union-find of look-alike groups
+        self.members = np.ones(capacity, np.int32)  # by root: rows in the group
+        self.group_flagged = np.zeros(capacity, bool)  # by root: a member was flagged
         self._faiss = None
 
     @staticmethod
@@ -85,8 +93,7 @@ class NeighbourIndex:
         each other; return every given slot's count."""
         slots, vectors = np.asarray(slots, np.int64), np.asarray(vectors, np.float32)
         if len(slots) and slots.max() >= len(self.stored):
-            capacity = max(2 * len(self.stored), int(slots.max()) + 1)
-            self.stored, self.count = self._grown(self.stored, capacity), self._grown(self.count, capacity)
+            self._grow_slots(max(2 * len(self.stored), int(slots.max()) + 1))
         _, first = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
         new = np.sort(first[~self.stored[slots[first]]])
         if len(new):
@@ -94,10 +101,14 @@ class NeighbourIndex:
             for slot, hits in zip(new_slots, self._search(queries)):
                 np.add.at(self.count, hits, 1)
                 self.count[slot] += len(hits)
+                for hit in hits.tolist():
+                    self._union(int(slot), hit)
             close = np.triu((queries @ queries.T) >= self.threshold, k=1)  # pairs inside this batch
             i, j = np.nonzero(close)
             np.add.at(self.count, new_slots[i], 1)
             np.add.at(self.count, new_slots[j], 1)
+            for a, b in zip(new_slots[i].tolist(), new_slots[j].tolist()):
+                self._union(a, b)
             if self.size + len(new) > len(self.matrix):
                 capacity = max(2 * len(self.matrix), self.size + len(new))
                 self.matrix, self.order = self._grown(self.matrix, capacity), self._grown(self.order, capacity)
@@ -109,9 +120,57 @@ class NeighbourIndex:
                 self._faiss.add_with_ids(queries, new_slots)
         return self.count[slots]
 
+    def _grow_slots(self, capacity: int) -> None:
+        old = len(self.stored)
+        self.stored, self.count = self._grown(self.stored, capacity), self._grown(self.count, capacity)
+        self.members, self.group_flagged = self._grown(self.members, capacity), self._grown(self.group_flagged, capacity)
+        self.members[old:] = 1
+        self.parent = np.concatenate([self.parent, np.arange(old, capacity, dtype=np.int64)])
+
+    def root(self, slot: int) -> int:
+        """The slot that stands for ``slot``'s look-alike group (itself when it has none)."""
+        return self._find(slot)
+
+    def _find(self, slot: int) -> int:
+        root = slot
+        while self.parent[root] != root:
+            root = int(self.parent[root])
+        while self.parent[slot] != root:  # path compression
+            self.parent[slot], slot = root, int(self.parent[slot])
+        return root
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if self.members[ra] < self.members[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.members[ra] += self.members[rb]
+        self.group_flagged[ra] |= self.group_flagged[rb]
+
+    def mark_flagged(self, slots: np.ndarray) -> None:
+        """Remember that these slots' groups hold a flagged row (for good: the group stays marked)."""
+        for slot in np.asarray(slots, np.int64).tolist():
+            if slot < len(self.stored):
+                self.group_flagged[self._find(slot)] = True
+
+    def group_weights(self, slots: np.ndarray) -> np.ndarray:
+        """Per slot: 1 / (rows in its group) when its group holds a flagged row, else 1; so a
+        flagged group weighs as much as one row, and an unflagged one is left alone."""
+        out = np.ones(len(slots), np.float32)
+        for i, slot in enumerate(np.asarray(slots, np.int64).tolist()):
+            if 0 <= slot < len(self.stored):
+                root = self._find(slot)
+                if self.group_flagged[root]:
+                    out[i] = 1.0 / self.members[root]
+        return out
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"matrix": torch.from_numpy(self.matrix[: self.size].copy()),
-                "order": torch.from_numpy(self.order[: self.size].copy()), "count": torch.from_numpy(self.count.copy())}
+                "order": torch.from_numpy(self.order[: self.size].copy()), "count": torch.from_numpy(self.count.copy()),
+                "parent": torch.from_numpy(self.parent.copy()), "members": torch.from_numpy(self.members.copy()),
+                "group_flagged": torch.from_numpy(self.group_flagged.copy())}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.matrix, self.order = tensors["matrix"].numpy().copy(), tensors["order"].numpy().copy()
@@ -119,12 +178,17 @@ class NeighbourIndex:
         self.count = tensors["count"].numpy().astype(np.int32)
         self.stored = np.zeros(len(self.count), bool)
         self.stored[self.order] = True
+        n = len(self.count)  # a checkpoint from before groups existed: every row its own group
+        self.parent = tensors["parent"].numpy().copy() if "parent" in tensors else np.arange(n, dtype=np.int64)
+        self.members = tensors["members"].numpy().copy() if "members" in tensors else np.ones(n, np.int32)
+        self.group_flagged = tensors["group_flagged"].numpy().copy() if "group_flagged" in tensors else np.zeros(n, bool)
         self._faiss = None  # rebuilt from the stored vectors on the next search
 
     @property
     def bytes_per_row(self) -> int:
-        """Memory per stored row: the embedding, its slot, the slot's flag and count."""
-        return self.matrix.itemsize * self.dim + self.order.itemsize + self.stored.itemsize + self.count.itemsize
+        """Memory per stored row: the embedding, its slot, the slot's flag and count, its group links."""
+        return (self.matrix.itemsize * self.dim + self.order.itemsize + self.stored.itemsize + self.count.itemsize
+                + self.parent.itemsize + self.members.itemsize + self.group_flagged.itemsize)
 
 
 def neighbour_signal(counts: np.ndarray) -> torch.Tensor:
