@@ -55,6 +55,7 @@ def test_later_files_and_overrides_win(tmp_path):
     (["mitigate.dedup.min_t=-1"], r"min_t=-1 is out of range"),
     (["mitigate.dedup.by=sampling"], r"dedup.by=sampling acts on row weights"),
     (["mitigate.weights.mode=drop", "monitor.enabled=false"], r"mitigate.weights acts on the monitor's flags"),
+    (["eval.region_map=bright"], r"region_map must be one of \('be_magnitude', 'be'\)"),
     (["mitigate.weights.mode=group"], r"mode=group reads the look-alike groups.*add it to monitor\.signals"),
     (["monitor.flag.policy=calibrated", "monitor.detector=weighted"], r"policy=calibrated flags by the detector heads"),
     (["monitor.detector=heads", "monitor.flag.policy=calibrated", "monitor.flag.probability=0.4"],

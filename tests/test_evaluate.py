@@ -114,6 +114,24 @@ def test_generation_is_independent_of_batching_and_keeps_a_monitor_capture(pipe)
         generate_with_capture(pipe, ["a"], [0], steps=2, guidance_scale=1.0, height=RES, width=RES)
 
 
+def test_the_region_map_is_the_be_map_weighted_by_the_early_text_conditional_difference(pipe):
+    import torch.nn.functional as F
+
+    kw = dict(steps=3, guidance_scale=4.0, height=RES, width=RES)
+    be_only = generate_with_capture(pipe, ["a cat", "a dog"], [3, 4], region_map="be", **kw)
+    np.testing.assert_array_equal(be_only.region_maps, be_only.be_maps)
+    for steps in (1, 2):
+        gen = generate_with_capture(pipe, ["a cat", "a dog"], [3, 4], region_map="be_magnitude", region_map_steps=steps, **kw)
+        up = F.interpolate(torch.from_numpy(gen.be_maps)[:, None], size=gen.region_maps.shape[1:], mode="bilinear",
+                           align_corners=False)[:, 0].numpy()
+        difference = gen.region_maps / up  # per latent cell: sum_c (eps_c - eps_u)^2, mean of the first steps
+        assert (difference >= 0).all()
+        # summed over cells it is the squared plain magnitude of those steps (the same planes)
+        np.testing.assert_allclose(difference.sum(axis=(1, 2)), (gen.magnitude[:, :steps] ** 2).mean(1), rtol=1e-4)
+    with pytest.raises(ValueError, match="region_map"):
+        generate_with_capture(pipe, ["a"], [0], region_map="bright", **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # Similarity backends
 # --------------------------------------------------------------------------------------------

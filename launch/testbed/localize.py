@@ -3,11 +3,13 @@
 ``python -m launch.testbed.localize --model RUN/final [--testbed DIR] [--seeds 4] [--per-group 6] [--out FILE.json]``
 
 Generates the region kinds' prompts (local stamps, v6 cards and moving stamps: ``--per-group``
-rows per stamp or card), clean prompts and the held-out calibration prompts with the
-bright-ending map captured at the last denoising step (the audit's sampler,
-:func:`train.evaluate.sampling.generate_with_capture`), judges the generations as
-``python -m launch.testbed.evaluate`` does (:func:`launch.testbed.evaluate.score`), and reports,
-per kind, over the generations that ARE local replicas:
+rows per stamp or card), clean prompts and the held-out calibration prompts with the audit's
+sampler (:func:`train.evaluate.sampling.generate_with_capture`), which gives both maps
+localization can read: the bright-ending map of the last denoising step (``be``) and the region
+map ``be_magnitude`` (the BE map weighted by the early text-conditional difference; ``eval.region_map``),
+judges the generations as ``python -m launch.testbed.evaluate`` does
+(:func:`launch.testbed.evaluate.score`), and reports, per map and kind, over the generations that
+ARE local replicas:
 
 * ``iou``: the map binarized at the mask's area (:func:`train.evaluate.local.localization_iou`)
   against the own image's ground-truth mask (stamp / card pixels);
@@ -33,20 +35,23 @@ from train.evaluate.local import localization_iou
 
 
 def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, guidance: float,
-             batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(P, S, H, W, 3) images and (P, S, h, w) bright-ending maps, generation (i, k) seeded by k."""
+             batch: int = 64, first_seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(P, S, H, W, 3) images and {map kind: (P, S, h, w) maps}, generation (i, k) seeded by first_seed + k."""
+    from train.evaluate.config import EvalConfig
     from train.evaluate.sampling import generate_with_capture
 
     jobs = [(i, k) for i in range(len(texts)) for k in range(seeds)]
-    images, maps = [], []
+    images, be, region = [], [], []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
-        gen = generate_with_capture(pipe, [texts[i] for i, _ in chunk], [k for _, k in chunk], steps=steps,
-                                    guidance_scale=guidance, height=resolution, width=resolution)
+        gen = generate_with_capture(pipe, [texts[i] for i, _ in chunk], [first_seed + k for _, k in chunk], steps=steps,
+                                    guidance_scale=guidance, height=resolution, width=resolution,
+                                    region_map="be_magnitude", region_map_steps=EvalConfig.region_map_steps)
         images.append(np.asarray(gen.images, dtype=np.float32))
-        maps.append(np.asarray(gen.be_maps, dtype=np.float32))
-    images_, maps_ = np.concatenate(images), np.concatenate(maps)
-    return (images_.reshape(len(texts), seeds, *images_.shape[1:]), maps_.reshape(len(texts), seeds, *maps_.shape[1:]))
+        be.append(np.asarray(gen.be_maps, dtype=np.float32))
+        region.append(np.asarray(gen.region_maps, dtype=np.float32))
+    shaped = lambda parts: (lambda a: a.reshape(len(texts), seeds, *a.shape[1:]))(np.concatenate(parts))  # noqa: E731
+    return shaped(images), {"be": shaped(be), "be_magnitude": shaped(region)}
 
 
 def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path) -> dict:
@@ -89,15 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, default=100, help="held-out prompts that set the thresholds")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draw: which rows per stamp and which clean rows (as evaluate --seed), sampler seeds from seed x seeds")
     p.add_argument("--out", help="also write the result here (JSON)")
     a = p.parse_args(argv)
     root = Path(a.testbed) if a.testbed else testbed_of_run(a.model)
-    prompts = [q for q in select_prompts(root, a.per_group, a.clean, a.calibration)
+    prompts = [q for q in select_prompts(root, a.per_group, a.clean, a.calibration, a.seed)
                if q.group in REGION_KINDS + ("clean",) or q.role == "calibration"]
     pipe = load_pipeline(a.model)
     images, maps = generate(pipe, [q.text for q in prompts], a.seeds, int(read_manifest(root)["params"]["resolution"]),
-                            a.steps, a.guidance)
-    result = localization(images, maps, prompts, root)
+                            a.steps, a.guidance, first_seed=a.seed * a.seeds)
+    result = {kind: localization(images, m, prompts, root) for kind, m in maps.items()}
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

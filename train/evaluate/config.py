@@ -10,6 +10,7 @@ from train.util import ConfigError
 
 SIMILARITY_BACKENDS = ("pixel", "sscd-onnx", "sscd-torchscript")
 REGION_MODES = ("quantile", "soft")
+REGION_MAPS = ("be_magnitude", "be")  # train/evaluate/sampling.py
 
 
 @dataclass
@@ -40,8 +41,12 @@ class EvalConfig:
     pixel_alpha: float = 0.5
     feature_cache: Optional[str] = None  # folder for cached training features; None = <out>/eval/cache
 
-    # Local memorization: the BE map as a region, pixel nL2 against the training set inside it.
+    # Local memorization: the region map as a region, pixel nL2 against the training set inside it.
     local: bool = True
+    # be_magnitude: the BE map weighted by the text-conditional difference of the first
+    # region_map_steps denoising steps | be: the BE map alone (train/evaluate/sampling.py)
+    region_map: str = "be_magnitude"
+    region_map_steps: int = 3
     region: str = "quantile"  # quantile (top 1-q of the map) | soft (the map as weights)
     region_quantile: float = 0.8
     local_threshold: float = 1.4  # region nL2 below this (and whole image not a replica) = local replica
@@ -82,6 +87,8 @@ def validate_eval(cfg) -> None:
     check(cfg.pixel_size >= 0, f"pixel_size must be >= 0, got {cfg.pixel_size}")
     check(cfg.pixel_k >= 1 and cfg.pixel_alpha > 0, "pixel_k must be >= 1 and pixel_alpha > 0")
     check(cfg.region in REGION_MODES, f"region must be one of {REGION_MODES}, got {cfg.region!r}")
+    check(cfg.region_map in REGION_MAPS, f"region_map must be one of {REGION_MAPS}, got {cfg.region_map!r}")
+    check(cfg.region_map_steps >= 1, f"region_map_steps must be >= 1, got {cfg.region_map_steps}")
     check(0.0 <= cfg.region_quantile < 1.0, f"region_quantile must be in [0, 1), got {cfg.region_quantile}")
     check(cfg.local_threshold > 0, f"local_threshold must be > 0, got {cfg.local_threshold}")
     check(cfg.num_panels >= 0, f"num_panels must be >= 0, got {cfg.num_panels}")

@@ -77,7 +77,7 @@ class Judge:
         match = self.backend.match(self.backend.features(gen.images), self.bank)
         replica = self.backend.is_replica(match.score, self.threshold)
         shape = gen.images.shape[1:3]
-        weights = np.stack([be_region(m, shape, cfg.region, cfg.region_quantile) for m in gen.be_maps])
+        weights = np.stack([be_region(m, shape, cfg.region, cfg.region_quantile) for m in gen.region_maps])
         local = (region_neighbours(gen.images, weights, self.pixel_bank, self.pixel_size, cfg.pixel_k,
                                    cfg.pixel_alpha) if self.pixel_bank is not None else None)
         out = []
@@ -102,7 +102,7 @@ class Judge:
             if probe.row is not None:
                 mask = ts.mask(probe.row, shape)
                 if mask is not None and mask.any():
-                    verdict["iou"], verdict["trivial_iou"] = localization_iou(gen.be_maps[i], mask)
+                    verdict["iou"], verdict["trivial_iou"] = localization_iou(gen.region_maps[i], mask)
             out.append(verdict)
         return out
 
@@ -119,16 +119,16 @@ class EvalResult:
     kid: float | None = None  # quality: KID of the generations vs training images (None: not computed)
 
 
-def _region_summary(be_map: np.ndarray, shape: tuple[int, int], cfg, cells: int = 16) -> dict:
-    """A compact, JSON-able account of the BE region: its box, area and a coarse map."""
-    region = be_region(be_map, shape, cfg.region, cfg.region_quantile)
+def _region_summary(region_map: np.ndarray, shape: tuple[int, int], cfg, cells: int = 16) -> dict:
+    """A compact, JSON-able account of the region (eval.region_map): its box, area and a coarse map."""
+    region = be_region(region_map, shape, cfg.region, cfg.region_quantile)
     ys, xs = np.nonzero(region > 0.5)
     box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
-    h, w = be_map.shape
+    h, w = region_map.shape
     step_y, step_x = max(1, math.ceil(h / cells)), max(1, math.ceil(w / cells))
-    coarse = be_map[::step_y, ::step_x]
-    return {"mode": cfg.region, "quantile": cfg.region_quantile, "area": float(region.mean()), "box": box,
-            "map_shape": [h, w], "map": np.round(coarse, 5).tolist()}
+    coarse = region_map[::step_y, ::step_x]
+    return {"map_kind": cfg.region_map, "mode": cfg.region, "quantile": cfg.region_quantile,
+            "area": float(region.mean()), "box": box, "map_shape": [h, w], "map": np.round(coarse, 5).tolist()}
 
 
 def _record(job: int, probe: Probe, seed: int, gen: Generation, i: int, cfg) -> dict:
@@ -141,7 +141,7 @@ def _record(job: int, probe: Probe, seed: int, gen: Generation, i: int, cfg) -> 
         "magnitude_steps": np.round(gen.magnitude[i], 5).tolist(),
         "be_magnitude_steps": np.round(gen.be_magnitude[i], 5).tolist(),
         "be_mean": float(be.mean()), "be_max": float(be.max()),
-        "region": _region_summary(be, gen.images.shape[1:3], cfg),
+        "region": _region_summary(gen.region_maps[i], gen.images.shape[1:3], cfg),
     }
 
 
@@ -168,7 +168,8 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
         gen = generate_with_capture(pipe, [p.prompt for p in batch_probes], [jobs[j][1] for j in batch],
                                     steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=height,
                                     width=width, be_layers=list(cfg.be_layers) if cfg.be_layers else "default",
-                                    autocast_dtype=autocast_dtype)
+                                    autocast_dtype=autocast_dtype, region_map=cfg.region_map,
+                                    region_map_steps=cfg.region_map_steps)
         verdicts = judge.judge(gen, batch_probes) if judge is not None else [{} for _ in batch]
         if annotate is not None:
             verdicts = [{**v, **extra} for v, extra in zip(verdicts, annotate(gen, batch_probes))]
@@ -176,7 +177,7 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
         for i, job in enumerate(batch):
             records.append({**_record(job, batch_probes[i], jobs[job][1], gen, i, cfg), **verdicts[i]})
             kid_rows.append((job, features[i]))
-            kept[job] = (to_uint8(gen.images[i]), gen.be_maps[i])
+            kept[job] = (to_uint8(gen.images[i]), gen.region_maps[i])
         bar.update(len(batch) * world)
     bar.close()
 
