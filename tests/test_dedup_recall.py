@@ -81,3 +81,11 @@ def test_cli_writes_the_table(testbed, tmp_path):
 def test_tile_map_read_at_pixels():
     tiles = np.arange(4.0).reshape(2, 2)
     assert at_pixels(tiles, (4, 4)).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+def test_v5_global_rows_read_from_the_image_folder_are_one_set_per_source():
+    from launch.testbed.dedup_recall import planted_set
+
+    # the image folder's table carries source_id but no file_name column
+    rows = [{"group": "global", "source_id": s, "sample_id": f"g{i}"} for i, s in enumerate(["a", "a", "b"])]
+    assert [planted_set(r) for r in rows] == ["global:a", "global:a", "global:b"]

@@ -117,8 +117,8 @@ def planted_set(row: dict) -> str:
     per local stamp (v5), else the row alone (clean)."""
     if row.get("planted_group"):
         return str(row["planted_group"])
-    if row.get("group") == "global":
-        return f"global:{row['file_name']}"
+    if row.get("group") == "global":  # the image folder's table has no file_name column: the source names it
+        return f"global:{row.get('source_id') or row.get('file_name')}"
     if row.get("group") == "local" and row.get("local_group") is not None:
         return f"local-{row['local_group']}"
     return f"row:{row.get('sample_id', id(row))}"
