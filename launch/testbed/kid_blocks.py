@@ -6,7 +6,8 @@ KID with the fixed extractor (:class:`train.evaluate.measures.PixelFeatures`) su
 features; here each block scores alone (KID of the clean-prompt generations vs the held-out images
 under that block only, with its own kernel scaling: compare a block across runs, not with the
 whole KID or another block), next to the share of flat pixels (:func:`flat_fraction`) in the
-generations and in the held-out images. Mean over each run's evaluation draws. A gap that sits in
+generations and in the held-out images, and their mean red channel (a palette shift shows there).
+Mean over each run's evaluation draws. A gap that sits in
 one block names the property that differs (layout: where things are; colour: the colour
 histograms; sharpness: flat fill vs edges and residual noise).
 """
@@ -39,10 +40,10 @@ def block_scores(run: str | Path, extractor: PixelFeatures | None = None) -> dic
         whole = kernel_distance(np.concatenate(list(gen_blocks.values()), axis=1),
                                 np.concatenate(list(held_blocks.values()), axis=1))
         for name, value in [("kid", whole), *((b, kernel_distance(gen_blocks[b], held_blocks[b])) for b in BLOCKS),
-                            ("flat", flat_fraction(gen))]:
+                            ("flat", flat_fraction(gen)), ("red", float(gen[..., 0].mean()))]:
             scores.setdefault(name, []).append(value)
-    return {k: float(np.mean(v)) for k, v in scores.items()} | {"heldout_flat": flat_fraction(held),
-                                                                 "draws": len(draws)}
+    return {k: float(np.mean(v)) for k, v in scores.items()} | {
+        "heldout_flat": flat_fraction(held), "heldout_red": float(held[..., 0].mean()), "draws": len(draws)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", required=True, help="evaluated runs (folders with eval*/eval.json)")
     p.add_argument("--out", help="also write the markdown table here")
     a = p.parse_args(argv)
-    lines = ["| run | KID | KID: layout | KID: colour | KID: sharpness | flat pixels | held-out flat | draws |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | KID | KID: layout | KID: colour | KID: sharpness | flat pixels | held-out flat | mean red | "
+             "held-out mean red | draws |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in a.runs:
         s = block_scores(run)
         lines.append(f"| `{run}` | {s['kid']:.5f} | {s['layout']:.5f} | {s['colour']:.5f} | {s['sharpness']:.4f} | "
-                     f"{s['flat']:.3f} | {s['heldout_flat']:.3f} | {s['draws']} |")
+                     f"{s['flat']:.3f} | {s['heldout_flat']:.3f} | {s['red']:.3f} | {s['heldout_red']:.3f} | "
+                     f"{s['draws']} |")
     emit_table(lines, a.out)
     return 0
 
