@@ -148,9 +148,11 @@ def generate_with_capture(pipe, prompts: Sequence[str], seeds: Sequence[int], *,
         hook.remove()
         unet.train(was_training)
 
-    energy_ = torch.stack(energy)
-    plain, masked = step_magnitudes(energy_, be)
-    region = be if region_map == "be" else _upsampled(be, energy_.shape[-2:]) * energy_[:max(1, region_map_steps)].mean(0)
+    planes = torch.stack(energy)  # [steps, N, h, w]
+    plain, masked = step_magnitudes(planes, be)
+    region = be
+    if region_map == "be_magnitude":  # the prompt's pull in the first steps, where the layout is decided
+        region = _upsampled(be, planes.shape[-2:]) * planes[:max(1, region_map_steps)].mean(0)
     return Generation(np.asarray(images, dtype=np.float32), be.cpu().numpy(), plain.cpu().numpy(),
                       masked.cpu().numpy(), cond_index.numpy(), region.float().cpu().numpy())
 
