@@ -184,12 +184,16 @@ class Monitor:
             self._empty_emb = self.text_encoder(ids, return_dict=False)[0].to(text_emb.dtype)
         return self._empty_emb.expand(m, -1, -1)
 
+    def _batch_slots(self, batch: dict) -> np.ndarray:
+        """The ledger slots of the batch's samples (-1 for a stream's unseen ones)."""
+        if self.ledger.streaming:
+            return np.array([self.ledger.slots.get(int(h), -1) for h in self._slots(batch).tolist()], np.int64)
+        return batch["index"].numpy()
+
     def _lookup(self, batch: dict, array: np.ndarray, missing) -> torch.Tensor:
         """``array``'s entries for the batch's samples (``missing`` for a stream's unseen ones)."""
-        if self.ledger.streaming:
-            slots = [self.ledger.slots.get(int(h)) for h in self._slots(batch).tolist()]
-            return torch.tensor([array[s] if s is not None else missing for s in slots])
-        return torch.from_numpy(array[batch["index"].numpy()].copy())
+        slots = self._batch_slots(batch)
+        return torch.from_numpy(np.where(slots >= 0, array[np.maximum(slots, 0)], missing))
 
     def flags(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(flagged [B] bool, score [B]) of the batch's samples as the ledger stands before this step."""
@@ -198,11 +202,7 @@ class Monitor:
     def group_weights(self, batch: dict) -> torch.Tensor:
         """[B] 1 / (rows in the sample's look-alike group) where the group holds a flagged row, else 1
         (train/monitor/neighbours.py; needs the ``neighbours`` signal)."""
-        if self.ledger.streaming:
-            slots = np.array([self.ledger.slots.get(int(h), -1) for h in self._slots(batch).tolist()], np.int64)
-        else:
-            slots = batch["index"].numpy()
-        return torch.from_numpy(self.neighbours.group_weights(slots))
+        return torch.from_numpy(self.neighbours.group_weights(self._batch_slots(batch)))
 
     def signal_mean(self, batch: dict, name: str) -> torch.Tensor:
         """[B] running mean of signal ``name``'s oriented z for the batch's samples (NaN: never seen)."""
