@@ -2,10 +2,11 @@
 
 Not a test. Run:  python tests/bench/bench_monitor.py [--steps 200] [--batch 16]
 
-One process, four copies of the same UNet, each with its own optimizer: `off` (no monitor),
-`drawn` (BE read from the training forward; no extra pass), `probe10` (the default: a no-grad
-probe pass at t=20 every 10th step) and `magnitude` (the default plus the empty-prompt magnitude
-pass on every step, to price that pass alone). Every step runs all four on the same batch, in a
+One process, one copy of the same UNet per variant, each with its own optimizer: `off` (no
+monitor), `drawn` (BE read from the training forward; no extra pass), `probe10` (a no-grad probe
+pass at t=20 every 10th step), `magnitude` (probe10 plus the empty-prompt magnitude pass on every
+step, to price that pass alone), two lean settings, `default` (the config's monitor as shipped) and
+`neighbours` (the default plus the online near-duplicate count). Every step runs all of them on the same batch, in a
 rotated order, so machine-load drift hits all alike; a step is the full training step (VAE
 encode, text encode, UNet forward, per-sample loss, monitor with its gather and ledger update,
 backward, clip, AdamW). We report samples/s over all timed steps (mean step time, because the
@@ -45,6 +46,10 @@ VARIANTS = {
     "lean": ["monitor.be_mode=probe", "monitor.probe_every=20", "monitor.magnitude_every=0",
              "monitor.token_layers=[down_blocks,mid_block]"],
     "lean_drawn": ["monitor.be_mode=drawn", "monitor.magnitude_every=0", "monitor.token_layers=[down_blocks,mid_block]"],
+    "default": [],  # the run config's monitor as it stands (heads, calibrated flags, magnitude every 10th step)
+    # the default plus the online near-duplicate count (its index searched on each row's first sighting)
+    "neighbours": ["monitor.signals=[be_mass,be_topk,be_entropy,token_entropy,start_mass,loss,magnitude,be_magnitude,"
+                   "neighbours]"],
 }
 
 
