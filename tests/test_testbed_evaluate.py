@@ -212,7 +212,12 @@ def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     blocks = block_scores(run)  # finds run/eval/eval.json
     assert blocks["kid"] == pytest.approx(result["quality"]["kid_clean_generations_vs_heldout"], rel=1e-4)
     assert blocks["draws"] == 1 and 0.3 < blocks["heldout_flat"] < 0.95 and 0.0 <= blocks["flat"] <= 1.0
-    assert 0.0 <= blocks["red"] <= 1.0 and 0.0 < blocks["heldout_red"] <= 1.0
+    from launch.testbed.reading import evaluation_draws, heldout_images
+
+    assert blocks["heldout_red"] == pytest.approx(float(heldout_images(root)[..., 0].mean()), rel=1e-6)
+    draw, images = evaluation_draws(run)[0]
+    clean = [p for p, prompt in enumerate(draw["prompts"]) if prompt["group"] == "clean"]
+    assert blocks["red"] == pytest.approx(float(images[clean][..., 0].mean()), rel=1e-6)
 
     # empty-prompt generations, scored with the run's evaluation thresholds
     from launch.testbed.unprompted import main as unprompted

@@ -25,7 +25,7 @@ from launch.testbed.reading import emit_table
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.monitor.detection import detection_by_kind
 from train.monitor.config import FlagConfig
-from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores
+from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores, logit
 from train.monitor.signals import SIGNALS
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
              for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
     spec["fit_on"] = [str(r) for r in a.fit]
-    on = float(np.log(a.probability / (1 - a.probability)))  # the heads' score is a logit
+    on = logit(a.probability)
     lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | "
              "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|"]
     for role, runs in (("fit", a.fit), ("validate", a.validate)):

@@ -50,13 +50,17 @@ def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, gu
         images.append(np.asarray(gen.images, dtype=np.float32))
         be.append(np.asarray(gen.be_maps, dtype=np.float32))
         region.append(np.asarray(gen.region_maps, dtype=np.float32))
-    shaped = lambda parts: (lambda a: a.reshape(len(texts), seeds, *a.shape[1:]))(np.concatenate(parts))  # noqa: E731
-    return shaped(images), {"be": shaped(be), "be_magnitude": shaped(region)}
+    def per_prompt(parts: list[np.ndarray]) -> np.ndarray:
+        joined = np.concatenate(parts)
+        return joined.reshape(len(texts), seeds, *joined.shape[1:])
+
+    return per_prompt(images), {"be": per_prompt(be), "be_magnitude": per_prompt(region)}
 
 
-def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path) -> dict:
-    """Per region kind: IoU of the map on local replicas and the two baselines (module doc)."""
-    result = score(images, prompts, root)
+def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path, result: dict | None = None) -> dict:
+    """Per region kind: IoU of the map on local replicas and the two baselines (module doc).
+    ``result``: the generations' judgement (:func:`score`), when several maps share it."""
+    result = result or score(images, prompts, root)
     S = images.shape[1]
     flags = np.array([g["local_replica"] for g in result["generations"]]).reshape(len(prompts), S)
     clean_maps = [maps[p, k] for p, prompt in enumerate(prompts) if prompt.group == "clean" and prompt.role == "eval"
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.model)
     images, maps = generate(pipe, [q.text for q in prompts], a.seeds, int(read_manifest(root)["params"]["resolution"]),
                             a.steps, a.guidance, first_seed=a.seed * a.seeds)
-    result = {kind: localization(images, m, prompts, root) for kind, m in maps.items()}
+    judged = score(images, prompts, root)  # one judgement; each map is read against the same replicas
+    result = {kind: localization(images, m, prompts, root, judged) for kind, m in maps.items()}
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

@@ -37,6 +37,11 @@ def load_heads(signals: Sequence[str], path: str | Path = DETECTOR_FILE) -> tupl
     return kinds, np.asarray(rows, dtype=np.float32)
 
 
+def logit(probability: float) -> float:
+    """A probability on the heads' score scale (each head's value is a logit)."""
+    return float(np.log(probability / (1.0 - probability)))
+
+
 def head_scores(heads: np.ndarray, means: np.ndarray) -> np.ndarray:
     """[N, K] head values for [N, S] per-signal mean z (NaN counts as 0)."""
     return heads[:, 0][None, :] + np.nan_to_num(means.astype(np.float32)) @ heads[:, 1:].T

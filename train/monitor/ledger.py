@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from train.monitor.detector import head_scores
+from train.monitor.detector import head_scores, logit
 from train.util import write_atomic
 
 HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-8, 8] in 0.01 steps
@@ -42,10 +42,6 @@ class FlagPolicy:
     quantile_off: float = 0.04  # ... and keep them flagged while in the top 4%
     probability: float = 0.73  # calibrated policy: flag at this probability of memorization ...
     probability_off: float = 0.5  # ... and keep the flag while at or above this
-
-
-def _logit(p: float) -> float:
-    return float(np.log(p / (1.0 - p)))
 
 
 class Ledger:
@@ -124,7 +120,7 @@ class Ledger:
         """(on, off) on the score scale, from the policy and the current population."""
         p = self.policy
         if p.policy == "calibrated":
-            return _logit(p.probability), _logit(p.probability_off)
+            return logit(p.probability), logit(p.probability_off)
         if p.policy == "absolute":
             return p.raise_at, p.clear_at
         if p.policy == "quantile":

@@ -334,7 +334,7 @@ class Monitor:
             n = min(len(self.neighbours.count), len(counts))
             counts[:n] = self.neighbours.count[:n]
             groups = np.arange(self.ledger.capacity, dtype=np.int64)  # a row's group: its root row
-            groups[:n] = [self.neighbours.root(slot) for slot in range(n)]
+            groups[:n] = self.neighbours.roots()[:n]
             kwargs["extra"] = {**kwargs.get("extra", {}), "neighbour_count": counts.tolist(),
                                "neighbour_group": groups.tolist()}
         self.ledger.write_parquet(path, **kwargs)

@@ -127,9 +127,15 @@ class NeighbourIndex:
         self.members[old:] = 1
         self.parent = np.concatenate([self.parent, np.arange(old, capacity, dtype=np.int64)])
 
-    def root(self, slot: int) -> int:
-        """The slot that stands for ``slot``'s look-alike group (itself when it has none)."""
-        return self._find(slot)
+    def roots(self) -> np.ndarray:
+        """Per slot, the slot that stands for its look-alike group (itself when it has none); read
+        only (pointer jumping over a copy of the links, no Python loop over the rows)."""
+        roots = self.parent.copy()
+        while True:
+            up = roots[roots]
+            if np.array_equal(up, roots):
+                return roots
+            roots = up
 
     def _find(self, slot: int) -> int:
         root = slot
