@@ -110,3 +110,16 @@ def test_the_trainer_weighs_a_flagged_group_of_repeats_as_one_row(tmp_path, cach
     weights = [r["mitig/mean_weight"] for r in rows if "mitig/mean_weight" in r]
     # step 1 sees every row for the first time (all weigh 1); from step 2 the four repeats weigh 1/4 each
     assert weights[0] == pytest.approx(1.0) and weights[-1] == pytest.approx((9 + 4 * 0.25) / 13)
+
+
+def test_an_index_saved_before_groups_existed_resumes_with_every_row_its_own_group():
+    index = NeighbourIndex(dim=3, threshold=0.99)
+    a, b = unit(1, 0, 0), unit(0, 1, 0)
+    index.add(np.array([0, 1]), np.stack([a, b]))
+    old = {k: v for k, v in index.state_tensors().items() if k in ("matrix", "order", "count")}
+    resumed = NeighbourIndex(dim=3, threshold=0.99)
+    resumed.load_tensors(old)
+    assert resumed.roots()[:2].tolist() == [0, 1] and resumed.group_weights(np.array([0, 1])).tolist() == [1, 1]
+    resumed.add(np.array([2]), a[None])  # a later look-alike still joins row 0's group
+    resumed.mark_flagged(np.array([2]))
+    assert resumed.group_weights(np.array([0, 1, 2])).tolist() == pytest.approx([0.5, 1, 0.5])
