@@ -12,7 +12,7 @@ from conftest import fast_overrides
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from train.evaluate.measures import iou, trivial_iou
+from train.evaluate.measures import aligned_nearest, iou, nearest, trivial_iou
 from train.evaluate import (EvalConfig, PixelBackend, Probe, TorchScriptSSCD, be_region, feature_bank,
                             generate_with_capture, localization_iou, region_neighbours, run_eval_hook,
                             sampling_pipeline, step_magnitudes, topk_neighbours, validate_eval)
@@ -265,6 +265,26 @@ def test_iou_against_the_trivial_mask():
     assert iou(be_region(be_map, (32, 32), "quantile", 0.75) > 0.5, mask) == pytest.approx(1.0)
     soft = be_region(be_map, (32, 32), "soft")
     assert soft.max() == pytest.approx(1.0) and soft.min() >= 0
+
+
+def test_aligned_nearest_finds_a_new_crop_of_its_picture():
+    """A crop, turn and shift of a picture that is none of the references pixel for pixel is
+    matched to its picture once the search may align them."""
+    rng = np.random.default_rng(0)
+    big = []
+    for _ in range(4):
+        im = Image.new("RGB", (128, 128), "white")
+        pen = ImageDraw.Draw(im)
+        for _ in range(3):
+            x, y = (int(v) for v in rng.integers(10, 80, size=2))
+            pen.ellipse((x, y, x + 40, y + 30), fill=tuple(int(v) for v in rng.integers(0, 200, size=3)))
+        big.append(im)
+    refs = np.stack([np.asarray(im.resize((32, 32), Image.Resampling.LANCZOS)) / 255.0 for im in big])
+    turned = big[2].rotate(-8, resample=Image.Resampling.BICUBIC, translate=(-5, 7), fillcolor="white")
+    gen = np.asarray(turned.crop((20, 16, 108, 104)).resize((32, 32), Image.Resampling.LANCZOS)) / 255.0
+    index, distance = aligned_nearest(gen[None], refs)
+    _, plain = nearest(gen[None], refs)
+    assert index[0] == 2 and distance[0] < 0.06 and distance[0] < plain[0] / 3
 
 
 def test_local_replica_is_found_inside_the_region_only():

@@ -129,7 +129,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
     prompts = select_prompts(root, local_per_group=2, n_clean=4, n_calibration=4)
     rows = rows_of(root)
     by_group = lambda group: [r for r in rows if r["group"] == group]  # noqa: E731
-    first = {}
+    first, fresh = {}, []
     cases = []  # (prompt index, image, expected replica, expected local replica)
     for p, prompt in enumerate(prompts):
         if prompt.role == "calibration":
@@ -140,6 +140,8 @@ def test_replica_judgement_on_hand_made_generations(builds):
             members = [r for r in by_group("near_global") if r["planted_group"] == prompt.planted_group]
             cases.append((p, load_image(root, members[-1]["file_name"]), True, False))   # another transform
             cases.append((p, load_image(root, members[0]["source_file"]), True, False))  # the source picture
+            fresh.append(len(cases))  # a crop, turn and shift of the picture that no training row shows
+            cases.append((p, new_crop(root / members[0]["source_file"]), True, False))
         elif prompt.group == "template":
             other = next(r for r in by_group("template")
                          if r["planted_group"] == prompt.planted_group and r["file_name"] != prompt.file_name)
@@ -169,6 +171,16 @@ def test_replica_judgement_on_hand_made_generations(builds):
         assert (gen["replica"], gen["local_replica"]) == (replica, local), (gen["group"], gen["sample_id"])
         checked += 1
     assert checked >= 12 and {"near_global", "template", "caption_dup", "moving_local"} <= set(result["groups"])
+    # the fresh crops: the aligned search finds the picture far closer than any training row is
+    for i in fresh:
+        gen = result["generations"][i]
+        assert gen["aligned_distance"] < min(result["thresholds"]["near_global_aligned"], gen["nn_distance"] / 2)
+
+
+def new_crop(path: Path) -> np.ndarray:
+    big = Image.open(path).convert("RGB").resize((128, 128), Image.Resampling.BICUBIC)
+    big = big.rotate(7, resample=Image.Resampling.BICUBIC, translate=(6, -4), fillcolor=(255, 255, 255))
+    return np.asarray(big.crop((14, 10, 110, 106)).resize((32, 32), Image.Resampling.LANCZOS)) / 255.0
 
 
 def test_localization_scores_the_map_on_local_replicas_against_both_baselines(builds):

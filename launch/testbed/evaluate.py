@@ -23,7 +23,10 @@
      (:func:`is_local_replica`); clean generations are checked against every stamp;
    * testbed v6 kinds: a near_global or caption_dup generation is a replica when its nearest
      image (training images plus the near-duplicates' untransformed source pictures) belongs to
-     the prompt's planted group, whichever copy it is; template and moving_local generations are
+     the prompt's planted group, whichever copy it is; a near_global one also when its
+     best-aligned source picture (:func:`aligned_nearest`: a grid of zooms, turns and shifts) is
+     its own and closer than held-out generations come to any source under the same search
+     (a new crop of the picture is a copy though no training row shows it); template and moving_local generations are
      judged like local ones on their own image's card / stamp mask (a card's threshold per card,
      a moving stamp's per image, as each sits elsewhere); clean generations are checked against
      every card too (the chance baseline of the template rate);
@@ -54,8 +57,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
-from train.evaluate.measures import (calibrate_threshold, image_kid, masked_distance, nearest, own_rank,
-                                   pixel_distance, replica_flags)
+from train.evaluate.measures import (aligned_nearest, calibrate_threshold, image_kid, masked_distance, nearest,
+                                   own_rank, pixel_distance, replica_flags)
 from launch.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
                                   training_images)
 
@@ -250,6 +253,23 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     threshold = calibrate_threshold(calib_distance, quantile)
     replica = nn_is_own & (nn_distance < threshold)
 
+    # Near-duplicates: a new crop, zoom or turn of the source picture is a copy too, though it is
+    # no training row; compare with the sources under their best-aligned warp, the bar the same
+    # quantile of how close held-out generations come to any source under the same search.
+    aligned_distance, aligned_threshold = np.full((P, S), np.nan), None
+    near = group == "near_global"
+    source_files = {r["source_file"] for r in read_rows(root, split="train", group="near_global")} if near.any() else set()
+    source_rows = [i for i, f in enumerate(train.file_names) if f in source_files]
+    if source_rows:
+        references = train.images[source_rows]
+        _, calib_aligned = aligned_nearest(images[calib].reshape(-1, *images.shape[2:]), references)
+        aligned_threshold = calibrate_threshold(calib_aligned, quantile)
+        index, distance = aligned_nearest(images[near].reshape(-1, *images.shape[2:]), references)
+        source_group = planted[source_rows][index].reshape(-1, S)
+        aligned_distance[near] = distance.reshape(-1, S)
+        own_group = np.array([p.planted_group for p in prompts], dtype=object)[near][:, None]
+        replica[near] |= (source_group == own_group) & (aligned_distance[near] < aligned_threshold)
+
     # Region thresholds: the same quantile of how close held-out generations come to the region,
     # per stamp and per card (shared regions), per image for moving stamps (each its own place).
     stamps, cards = stamps_of(root), stamps_of(root, "template")
@@ -304,6 +324,8 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                        own_in_top1pct_rate=_rate(fidelity[mask] < 0.01),
                        other_rank_median=float(np.median(baseline[mask])),
                        other_in_top1pct_rate=_rate(baseline[mask] < 0.01))
+        if name == "near_global":
+            out.update(aligned_distance_median=float(np.median(aligned_distance[mask])) if mask.any() else None)
         if name in REGION_KINDS:
             out.update(local_replica_rate=_rate(local_replica[mask]),
                        local_replica_rate_any_seed=_rate(local_replica[mask].any(axis=1)),
@@ -342,13 +364,14 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                 "nn_file": train.file_names[int(nn_index[p, k])], "nn_is_own": bool(nn_is_own[p, k]),
                 "nn_distance": float(nn_distance[p, k]), "own_distance": float(pixel_distance(
                     images[p, k], load_image(root, prompt.file_name))),
+                "aligned_distance": None if np.isnan(aligned_distance[p, k]) else float(aligned_distance[p, k]),
                 "replica": bool(replica[p, k]),
                 "own_rank": None if np.isnan(fidelity[p, k]) else float(fidelity[p, k]),
                 "region_distance": None if np.isnan(region_distance[p, k]) else float(region_distance[p, k]),
                 "local_replica": bool(local_replica[p, k]),
             })
     return {
-        "thresholds": {"quantile": quantile, "replica": threshold,
+        "thresholds": {"quantile": quantile, "replica": threshold, "near_global_aligned": aligned_threshold,
                        "region": {str(g): t for g, t in sorted(region_threshold.items())},
                        **({"card": {str(g): t for g, t in sorted(card_threshold.items())}} if cards else {})},
         "groups": groups, "quality": quality,
