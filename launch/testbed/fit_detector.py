@@ -1,6 +1,6 @@
 """Fit the default detector's per-kind heads on one testbed run's ledger; report them on others.
 
-``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--write] [--out FILE.md]``
+``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--drop SIGNAL ...] [--write] [--out FILE.md]``
 
 The heads (:mod:`train.monitor.detector`) are logistic regressions of ground truth (the ledger's
 ``group`` column) on the per-signal mean z-scores: a "global" head for the whole-image kinds
@@ -52,22 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of the logistic regressions")
     p.add_argument("--probability", type=float, default=FlagConfig.probability,
                    help="the calibrated flag policy's threshold: the share of rows at or above it is reported")
+    p.add_argument("--drop", nargs="*", default=[], choices=SIGNALS,
+                   help="fit and score without these signals (as a run that does not compute them)")
     p.add_argument("--write", action="store_true", help=f"store the heads in {DETECTOR_FILE}")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
-    fitted = [ledger_means(run) for run in a.fit]
+    dropped = [SIGNALS.index(s) for s in a.drop]
+
+    def read(run: str) -> tuple[np.ndarray, np.ndarray]:
+        means, groups = ledger_means(run)
+        means[:, dropped] = 0.0  # what the monitor records for a signal it never computes
+        return means, groups
+
+    fitted = [read(run) for run in a.fit]
     means, groups = np.concatenate([m for m, _ in fitted]), np.concatenate([g for _, g in fitted])
     present = set(groups)
     kinds = {name: [k for k in members if k in present]
              for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
     spec["fit_on"] = [str(r) for r in a.fit]
+    if a.drop:
+        spec["without"] = list(a.drop)
     on = logit(a.probability)
     lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | "
              "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|"]
     for role, runs in (("fit", a.fit), ("validate", a.validate)):
         for run in runs:
-            run_means, run_groups = ledger_means(run)
+            run_means, run_groups = read(run)
             labels = sorted(set(run_groups) - {"clean", "heldout"})
             run_scores = scores(spec, run_means)
             results = {name: detection_by_kind(score, run_groups, "clean", labels) for name, score in run_scores.items()}

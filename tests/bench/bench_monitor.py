@@ -1,11 +1,12 @@
 """Cost of the memorization monitor on a training step of the tiny preset, monitor off vs on.
 
-Not a test. Run:  python tests/bench/bench_monitor.py [--steps 200] [--batch 16]
+Not a test. Run:  python tests/bench/bench_monitor.py [--steps 200] [--batch 16] [--variants NAME ...]
 
 One process, one copy of the same UNet per variant, each with its own optimizer: `off` (no
 monitor), `drawn` (BE read from the training forward; no extra pass), `probe10` (a no-grad probe
 pass at t=20 every 10th step), `magnitude` (probe10 plus the empty-prompt magnitude pass on every
-step, to price that pass alone), two lean settings, `default` (the config's monitor as shipped) and
+step, to price that pass alone), two lean settings, `default` (the config's monitor as shipped),
+`magnitude10` (the default plus the magnitude pass every 10th step, the earlier default) and
 `neighbours` (the default plus the online near-duplicate count). Every step runs all of them on the same batch, in a
 rotated order, so machine-load drift hits all alike; a step is the full training step (VAE
 encode, text encode, UNet forward, per-sample loss, monitor with its gather and ledger update,
@@ -46,7 +47,8 @@ VARIANTS = {
     "lean": ["monitor.be_mode=probe", "monitor.probe_every=20", "monitor.magnitude_every=0",
              "monitor.token_layers=[down_blocks,mid_block]"],
     "lean_drawn": ["monitor.be_mode=drawn", "monitor.magnitude_every=0", "monitor.token_layers=[down_blocks,mid_block]"],
-    "default": [],  # the run config's monitor as it stands (heads, calibrated flags, magnitude every 10th step)
+    "default": [],  # the run config's monitor as it stands (heads, calibrated flags, drawn BE, no magnitude pass)
+    "magnitude10": ["monitor.magnitude_every=10"],  # the default until the magnitude pass was priced out of it
     # the default plus the online near-duplicate count (its index searched on each row's first sighting)
     "neighbours": ["monitor.signals=[be_mass,be_topk,be_entropy,token_entropy,start_mass,loss,magnitude,be_magnitude,"
                    "neighbours]"],
@@ -58,7 +60,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which to run (off is always run: the ratios' reference)")
     args = parser.parse_args()
+    chosen = {n: VARIANTS[n] for n in VARIANTS if n == "off" or n in args.variants}
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -70,7 +75,7 @@ def main() -> None:
         data_cfg = resolve_source(base.data, base.model.cache_dir, base.seed)
         data = build_train_data(data_cfg, batch_size=args.batch, seed=0, rank=0, world=1, cache_dir=tmp)
         runs = {}
-        for name, overrides in VARIANTS.items():
+        for name, overrides in chosen.items():
             unet = copy.deepcopy(parts.unet).train()
             monitor = None
             if overrides is not None:
@@ -78,7 +83,7 @@ def main() -> None:
                 monitor = Monitor(cfg.monitor, unet, parts.tokenizer, parts.text_encoder, parts.noise_scheduler,
                                   num_samples=data.num_samples, table=data.table)
             runs[name] = (unet, monitor, torch.optim.AdamW(unet.parameters(), lr=1e-4), [])
-        names = list(VARIANTS)
+        names = list(chosen)
         batches = iter(data.loader)
         sched = parts.noise_scheduler
         for step in range(args.steps + args.warmup):
