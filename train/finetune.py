@@ -130,7 +130,8 @@ def build_lr_scheduler(optimizer, train_cfg: DictConfig):
 # Before training: inputs, the run folder, models, data, monitor and mitigations
 # --------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "ledger.parquet", "final")
+HISTORY_DIR = "ledger_history"  # monitor.history_every: the ledger's snapshots
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "ledger.parquet", HISTORY_DIR, "final")
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -545,6 +546,10 @@ def run(cfg: DictConfig) -> Path:
                 monitor.pause()  # the hook installs its own capture for sampling
             run_eval_hook(cfg.eval, accelerator, m.parts, m.unet, m.text_encoder, data.table, state.step, out,
                           tracker, data_cfg=data_cfg, ema=m.ema, dtype=m.dtype, flagged_ids=flagged_ids)
+        if monitor is not None and cfg.monitor.history_every and state.step % cfg.monitor.history_every == 0 \
+                and accelerator.is_main_process:  # every rank holds the same ledger
+            (out / HISTORY_DIR).mkdir(exist_ok=True)
+            monitor.write_parquet(out / HISTORY_DIR / f"step-{state.step:07d}.parquet")
         if state.step % tcfg.checkpoint_every == 0 or last:
             checkpoint(cfg, accelerator, m, state, rng, monitor, zero_stage, out, tracker)
 

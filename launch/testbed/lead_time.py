@@ -13,6 +13,13 @@ by a run with ``eval.onset: true``: the first eval step at which the row's promp
 
 Onset is known to within ``eval.every`` steps (the copy appeared after the previous eval), so a
 lead shorter than that may be a tie.
+
+Each signal's own lead time, when the run kept ledger snapshots (``monitor.history_every=K``,
+``RUN/ledger_history/``): at every snapshot a signal "alerts" on a row when the row's mean z is
+above the ``1 - --false-alarm`` quantile of the clean rows' at that snapshot (each signal held to
+the same per-snapshot false-alarm rate, so they compare fairly; the heads' score alike); a row's
+alert step is the first snapshot that alerts. Reported per signal and kind as above, with the share
+of never-copied probed clean rows that alerted at some snapshot.
 """
 
 from __future__ import annotations
@@ -48,12 +55,39 @@ def lead_times(ledger: dict[str, int], onset: list[dict]) -> dict[str, dict]:
     return out
 
 
+def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> dict[str, int]:
+    """``history``: snapshot step -> ledger columns (``sample_id``, ``group``, ``observations``,
+    ``column``); per sample id, the first step whose value beats the clean rows' ``1 - false_alarm``
+    quantile at that step (-1 = never)."""
+    first: dict[str, int] = {}
+    for step in sorted(history):
+        cols = history[step]
+        values = np.asarray(cols[column], dtype=np.float64)
+        seen = (np.asarray(cols["observations"]) > 0) & np.isfinite(values)
+        clean = seen & (np.asarray(cols["group"]) == "clean")
+        if not clean.any():
+            continue
+        bar = np.quantile(values[clean], 1.0 - false_alarm)
+        for sample_id in np.asarray(cols["sample_id"])[seen & (values > bar)]:
+            first.setdefault(str(sample_id), step)
+    return {str(i): first.get(str(i), -1) for step in history for i in history[step]["sample_id"]}
+
+
+def read_history(folder: Path, columns: list[str]) -> dict[int, dict]:
+    import pyarrow.parquet as pq
+
+    return {int(f.stem.split("-")[1]): pq.read_table(f, columns=columns).to_pydict()
+            for f in sorted(folder.glob("step-*.parquet"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     p = argparse.ArgumentParser(prog="python -m launch.testbed.lead_time", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run folder with ledger.parquet and onset.parquet")
     p.add_argument("--out", help="also write the table here")
+    p.add_argument("--false-alarm", type=float, default=0.05,
+                   help="per-snapshot share of clean rows a signal may alert on (per-signal lead times)")
     a = p.parse_args(argv)
     run = Path(a.run)
     for name in ("ledger.parquet", ONSET_FILE):
@@ -70,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {group} | {r['probed']} | {r['copied']} | {fmt(r['flagged_before_onset'], True)} | "
                      f"{fmt(r['median_lead_steps'])} | {fmt(r['median_onset_step'])} | {r['never_copied']} | "
                      f"{fmt(r['false_flag_rate'], True)} |")
+    history_dir = run / "ledger_history"
+    if history_dir.is_dir():  # each signal's own lead time, at one false-alarm rate
+        onset = pq.read_table(run / ONSET_FILE).to_pylist()
+        names = [f.name for f in pq.read_schema(next(history_dir.glob("step-*.parquet")))]
+        signals = [c for c in names if c.endswith("_mean")] + ["score"]
+        history = read_history(history_dir, ["sample_id", "group", "observations"] + signals)
+        lines += ["", f"Per signal (alert: above the clean rows' {1 - a.false_alarm:.0%} quantile at a snapshot; "
+                  f"{len(history)} snapshots):", "",
+                  "| signal | group | became copies | alerted before onset | median lead (steps) | false alerts |",
+                  "|---|---|---|---|---|---|"]
+        for signal in signals:
+            for group, r in lead_times(alert_steps(history, signal, a.false_alarm), onset).items():
+                lines.append(f"| {signal.removesuffix('_mean')} | {group} | {r['copied']} | "
+                             f"{fmt(r['flagged_before_onset'], True)} | {fmt(r['median_lead_steps'])} | "
+                             f"{fmt(r['false_flag_rate'], True)} |")
     emit_table(lines, a.out)
     return 0
 

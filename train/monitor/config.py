@@ -70,6 +70,9 @@ class MonitorConfig:
     stats_horizon: int = bounded(2000, ge=1)
     stats_warmup: int = bounded(8, ge=0)
     flag: FlagConfig = field(default_factory=FlagConfig)
+    # steps between snapshots of the ledger in <run>/ledger_history/step-NNNNNNN.parquet (0 = none):
+    # each row's signals over time, what a per-signal lead time needs (launch.testbed.lead_time)
+    history_every: int = bounded(0, ge=0)
     neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     # ground truth, when the user names a column of the data that holds it (e.g. "group"): running
     # detection AUCs per kind against the rows labelled negative_label, every detection_every log lines
