@@ -94,6 +94,11 @@ def test_audit_on_the_testbed_scores_localization_and_ground_truth(tmp_path, cac
     local = [r for r in report["records"] if r["truth"]["group"] == "local"]
     assert local and all(0.0 <= r["iou"] <= 1.0 and r["trivial_iou"] > 0 for r in local)
     assert "localization_iou" in report["summary"] and "trivial_iou" in report["summary"]
+    # the saliency-free baseline: clean generations' maps scored on the same masks
+    baselines = [r["clean_map_iou"] for r in local if r.get("clean_map_iou") is not None]
+    assert baselines and all(0.0 <= b <= 1.0 for b in baselines)
+    assert report["summary"]["clean_map_iou"] == pytest.approx(np.mean(baselines))
+    assert "clean-map IoU" in (out / "report.html").read_text()
     truth = report["ground_truth"]
     assert truth["global_threshold"] > 0 and set(truth["replica"]) >= {"precision", "recall", "positives"}
 

@@ -80,6 +80,11 @@ class Judge:
         weights = np.stack([be_region(m, shape, cfg.region, cfg.region_quantile) for m in gen.region_maps])
         local = (region_neighbours(gen.images, weights, self.pixel_bank, self.pixel_size, cfg.pixel_k,
                                    cfg.pixel_alpha) if self.pixel_bank is not None else None)
+        masks = [ts.mask(probe.row, shape) if probe.row is not None else None for probe in probes]
+        masks = [m if m is not None and m.any() else None for m in masks]
+        # the saliency-free baseline of a region's IoU: the maps of this batch's generations that
+        # copy nothing (no copied region, not a replica) scored against the same mask
+        plain = [j for j, m in enumerate(masks) if m is None and not replica[j]]
         out = []
         for i, probe in enumerate(probes):
             position = int(match.index[i])
@@ -99,10 +104,10 @@ class Judge:
                                     "threshold": float(cfg.local_threshold), "region_matches": local_match,
                                     "nearest_position": lp, "nearest_sample_id": ts.sample_ids[lp]}
                 verdict["local_replica"] = local_match and not bool(replica[i])
-            if probe.row is not None:
-                mask = ts.mask(probe.row, shape)
-                if mask is not None and mask.any():
-                    verdict["iou"], verdict["trivial_iou"] = localization_iou(gen.region_maps[i], mask)
+            if masks[i] is not None:
+                verdict["iou"], verdict["trivial_iou"] = localization_iou(gen.region_maps[i], masks[i])
+                verdict["clean_map_iou"] = (float(np.mean([localization_iou(gen.region_maps[j], masks[i])[0]
+                                                           for j in plain])) if plain else None)
             out.append(verdict)
         return out
 
@@ -273,6 +278,9 @@ def summarize(result: EvalResult, prefix: str = "eval/") -> dict[str, float]:
     if located:
         out[f"{prefix}localization_iou"] = _mean([r["iou"] for r in located])
         out[f"{prefix}trivial_iou"] = _mean([r["trivial_iou"] for r in located])
+        baseline = [r["clean_map_iou"] for r in located if r.get("clean_map_iou") is not None]
+        if baseline:
+            out[f"{prefix}clean_map_iou"] = _mean(baseline)
         out[f"{prefix}num_localized"] = len(located)
     if result.kid is not None:
         out[f"{prefix}kid"] = result.kid

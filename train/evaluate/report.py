@@ -165,8 +165,9 @@ def render_report(report: dict, panels: dict[int, bytes]) -> str:
         out.append(_card("local replica rate", _pct(summary.get("local_replica_rate")),
                          bool(summary.get("local_replicas"))))
         if summary.get("localization_iou") is not None:
-            out.append(_card("BE IoU / all-ones IoU",
-                             f'{_fmt(summary["localization_iou"], 2)} / {_fmt(summary["trivial_iou"], 2)}'))
+            out.append(_card("region-map IoU / all-ones / clean-map IoU",
+                             f'{_fmt(summary["localization_iou"], 2)} / {_fmt(summary["trivial_iou"], 2)} / '
+                             f'{_fmt(summary.get("clean_map_iou"), 2)}'))
         if summary.get("kid") is not None:
             out.append(_card("KID vs training", _fmt(summary["kid"], 4)))
     out.append(_card("mean magnitude", _fmt(summary.get("magnitude"), 3)))
