@@ -26,8 +26,8 @@
      the prompt's planted group, whichever copy it is; a near_global one also when its
      best-aligned source picture (:func:`aligned_nearest`: a grid of zooms, turns and shifts) is
      its own and closer than held-out generations come to any source under the same search
-     (a new crop of the picture is a copy though no training row shows it); template and moving_local generations are
-     judged like local ones on their own image's card / stamp mask (a card's threshold per card,
+     (a new crop of the picture is a copy though no training row shows it); template and
+     moving_local generations are judged like local ones on their own image's card / stamp mask (a card's threshold per card,
      a moving stamp's per image, as each sits elsewhere); clean generations are checked against
      every card too (the chance baseline of the template rate);
    * prompt fidelity = :func:`own_rank`: the share of clean training images closer to a clean
