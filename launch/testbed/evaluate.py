@@ -27,9 +27,9 @@
      best-aligned source picture (:func:`aligned_nearest`: a grid of zooms, turns and shifts) is
      its own and closer than held-out generations come to any source under the same search
      (a new crop of the picture is a copy though no training row shows it); template and
-     moving_local generations are judged like local ones on their own image's card / stamp mask (a card's threshold per card,
-     a moving stamp's per image, as each sits elsewhere); clean generations are checked against
-     every card too (the chance baseline of the template rate);
+     moving_local generations are judged like local ones on their own image's card / stamp mask
+     (a card's threshold per card, a moving stamp's per image, as each sits elsewhere); clean
+     generations are checked against every card too (the chance baseline of the template rate);
    * prompt fidelity = :func:`own_rank`: the share of clean training images closer to a clean
      (or held-out) prompt's generation than the prompt's own image (0 = own nearest, ~0.5 = the
      prompt is ignored; ``other_rank_*`` scores against the next prompt's image as a baseline);
