@@ -405,3 +405,8 @@ def test_sharded_evaluation_matches_a_single_process(pipe, monkeypatch):
         assert (a["prompt"], a["seed"]) == (b["prompt"], b["seed"])
         assert a["magnitude"] == pytest.approx(b["magnitude"], rel=1e-4)
         assert a["be_mean"] == pytest.approx(b["be_mean"], rel=1e-4)
+
+
+def test_aligned_nearest_names_mismatched_sizes():
+    with pytest.raises(ValueError, match="aligned_nearest"):
+        aligned_nearest(np.zeros((2, 16, 16, 3)), np.zeros((3, 32, 32, 3)))

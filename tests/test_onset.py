@@ -37,6 +37,11 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "lead.md")])
     table = (tmp_path / "lead.md").read_text()
     assert "| loss | global |" in table and "| score | clean |" in table
+    # an empty snapshot folder: the flags' table alone, no crash
+    for snapshot in (run / "ledger_history").iterdir():
+        snapshot.unlink()
+    lead_time_main(["--run", str(run), "--out", str(tmp_path / "lead2.md")])
+    assert "Per signal" not in (tmp_path / "lead2.md").read_text()
 
 
 def test_onset_keeps_the_first_step_and_ignores_a_repeated_eval(tmp_path):

@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {group} | {r['probed']} | {r['copied']} | {fmt(r['flagged_before_onset'], True)} | "
                      f"{fmt(r['median_lead_steps'])} | {fmt(r['median_onset_step'])} | {r['never_copied']} | "
                      f"{fmt(r['false_flag_rate'], True)} |")
-    history_dir = run / "ledger_history"
-    if history_dir.is_dir():  # each signal's own lead time, at one false-alarm rate
+    snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
+    if snapshots:  # each signal's own lead time, at one false-alarm rate
         onset = pq.read_table(run / ONSET_FILE).to_pylist()
-        names = [f.name for f in pq.read_schema(next(history_dir.glob("step-*.parquet")))]
+        names = [f.name for f in pq.read_schema(snapshots[0])]
         signals = [c for c in names if c.endswith("_mean")] + ["score"]
-        history = read_history(history_dir, ["sample_id", "group", "observations"] + signals)
+        history = read_history(run / "ledger_history", ["sample_id", "group", "observations"] + signals)
         lines += ["", f"Per signal (alert: above the clean rows' {1 - a.false_alarm:.0%} quantile at a snapshot; "
                   f"{len(history)} snapshots):", "",
                   "| signal | group | became copies | alerted before onset | median lead (steps) | false alerts |",

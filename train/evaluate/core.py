@@ -83,8 +83,9 @@ class Judge:
         masks = [ts.mask(probe.row, shape) if probe.row is not None else None for probe in probes]
         masks = [m if m is not None and m.any() else None for m in masks]
         # the saliency-free baseline of a region's IoU: the maps of this batch's generations that
-        # copy nothing (no copied region, not a replica) scored against the same mask
-        plain = [j for j, m in enumerate(masks) if m is None and not replica[j]]
+        # copy nothing (no planted region, neither a replica nor a local match) on the same mask
+        local_match = (local.nl2 < cfg.local_threshold) if local is not None else np.zeros(len(probes), bool)
+        plain = [j for j, m in enumerate(masks) if m is None and not replica[j] and not local_match[j]]
         out = []
         for i, probe in enumerate(probes):
             position = int(match.index[i])
@@ -99,11 +100,10 @@ class Judge:
             }
             if local is not None:
                 lp = int(local.index[i])
-                local_match = bool(local.nl2[i] < cfg.local_threshold)
                 verdict["local"] = {"nl2": float(local.nl2[i]), "distance": float(local.distance[i]),
-                                    "threshold": float(cfg.local_threshold), "region_matches": local_match,
+                                    "threshold": float(cfg.local_threshold), "region_matches": bool(local_match[i]),
                                     "nearest_position": lp, "nearest_sample_id": ts.sample_ids[lp]}
-                verdict["local_replica"] = local_match and not bool(replica[i])
+                verdict["local_replica"] = bool(local_match[i]) and not bool(replica[i])
             if masks[i] is not None:
                 verdict["iou"], verdict["trivial_iou"] = localization_iou(gen.region_maps[i], masks[i])
                 verdict["clean_map_iou"] = (float(np.mean([localization_iou(gen.region_maps[j], masks[i])[0]

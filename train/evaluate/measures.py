@@ -151,6 +151,9 @@ def aligned_nearest(gen_images: Any, references: Any, zooms: Sequence[float] = (
     gens = torch.from_numpy(_flat(gen_images)).float()
     refs_hwc = as_array(references)
     refs_hwc = refs_hwc[None] if refs_hwc.ndim == 3 else refs_hwc
+    if len(refs_hwc) == 0 or gens.shape[1] != refs_hwc[0].size:
+        raise ValueError(f"aligned_nearest: generations hold {gens.shape[1]} values each, references "
+                         f"{refs_hwc.shape[1:] if len(refs_hwc) else 'none'}")
     refs = torch.from_numpy(refs_hwc).float().permute(0, 3, 1, 2)
     n, m = len(gens), len(refs)
     grid = torch.tensor([[z, np.radians(a), x, y] for z in zooms for a in angles for x in shifts for y in shifts],
