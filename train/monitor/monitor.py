@@ -82,7 +82,7 @@ class Monitor:
                             cfg.label_column)
             else:
                 self.labels = np.asarray(table[cfg.label_column], dtype=object)
-        self.neighbours = make_index(cfg, unet.config.in_channels)
+        self.neighbours, self.sscd = make_index(cfg, unet.config.in_channels)
         self._log_lines = 0
         self.window_sum = np.zeros(len(self.signals))
         self.window_count = np.zeros(len(self.signals))
@@ -148,7 +148,7 @@ class Monitor:
         slots = self._slots(batch)
         parts = [raw.double(), bins.to(device).double(), slots.to(device).double()[:, None]]
         if self.neighbours is not None:  # each rank's embeddings travel with its signals
-            parts.append(embed(rec.latent_mean if rec.latent_mean is not None else latents, cfg.neighbours.side).double())
+            parts.append(self._embeddings(rec, slots).to(device).double())
         everyone = accelerator.gather(torch.cat(parts, 1)).cpu()
         S = len(self.signals)
         g_raw, g_bins, g_slots = everyone[:, :S], everyone[:, S:2 * S].long(), everyone[:, 2 * S].long()
@@ -168,6 +168,18 @@ class Monitor:
         self.ledger.update(slots_np, z.numpy(), step)
         if self.neighbours is not None:
             self.neighbours.mark_flagged(slots_np[self.ledger.flagged[slots_np]])
+
+    def _embeddings(self, rec: StepRecord, slots: torch.Tensor) -> torch.Tensor:
+        """The rows' near-duplicate embeddings: pooled latents, or SSCD descriptors of the images
+        for rows not yet in the index (a streamed row's slot is not known before the gather)."""
+        if self.sscd is None:
+            return embed(rec.latent_mean if rec.latent_mean is not None else rec.latents, self.cfg.neighbours.side)
+        stored = np.zeros(len(slots), bool)
+        if not self.ledger.streaming:
+            local = slots.cpu().numpy()
+            inside = local < len(self.neighbours.stored)
+            stored[inside] = self.neighbours.stored[local[inside]]
+        return self.sscd(rec.batch["pixel_values"], stored)
 
     def _slots(self, batch: dict) -> torch.Tensor:
         if not self.ledger.streaming:
