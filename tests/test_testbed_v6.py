@@ -219,3 +219,20 @@ def test_localization_scores_the_map_on_local_replicas_against_both_baselines(bu
 def by_other(rows: list[dict], own: dict) -> dict:
     """A clean row whose picture differs from ``own``'s."""
     return next(r for r in rows if r["group"] == "clean" and r["source_id"] != own["source_id"])
+
+
+def test_seed_maps_mark_what_every_seed_of_a_prompt_draws_alike():
+    """Three seeds of one prompt share a stamp in the top-left 8x8 pixels and differ elsewhere; with
+    flat region maps the agreement map is highest exactly on the stamp's 4x4 cells, and the seed
+    average gives every seed the same map."""
+    from launch.testbed.localize import seed_maps
+
+    rng = np.random.default_rng(0)
+    images = rng.random((1, 3, 32, 32, 3)).astype(np.float32)
+    images[:, :, :8, :8] = 0.3  # the copied stamp: the same pixels in every seed
+    region = rng.uniform(0.9, 1.1, (1, 3, 16, 16)).astype(np.float32)
+    maps = seed_maps(images, region)
+    seeds, agreement = maps["be_magnitude_seeds"], maps["be_magnitude_agreement"]
+    assert np.allclose(seeds[0, 0], seeds[0, 2]) and np.isclose(seeds[0, 0].sum(), 1.0)
+    top = np.argsort(agreement[0, 0].ravel())[-16:]
+    assert sorted(top.tolist()) == sorted((r * 16 + c) for r in range(4) for c in range(4))

@@ -54,7 +54,24 @@ def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, gu
         joined = np.concatenate(parts)
         return joined.reshape(len(texts), seeds, *joined.shape[1:])
 
-    return per_prompt(images), {"be": per_prompt(be), "be_magnitude": per_prompt(region)}
+    images, region = per_prompt(images), per_prompt(region)
+    return images, {"be": per_prompt(be), "be_magnitude": region, **seed_maps(images, region)}
+
+
+def seed_maps(images: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:
+    """Maps that read a prompt's seeds together ((P, S, ...) in, each seed of a prompt gets the same
+    map). A copied region comes out the same whatever the seed, the rest of the picture varies:
+    ``be_magnitude_seeds``: the region map averaged over the prompt's seeds (each normalized to sum 1
+    first); ``be_magnitude_agreement``: that average times the pixels' agreement across seeds
+    (1 - their standard deviation over seeds, averaged over the map cell and the colours)."""
+    P, S, h, w = region.shape
+    unit = region / np.maximum(region.sum(axis=(2, 3), keepdims=True), 1e-12)
+    mean = np.broadcast_to(unit.mean(axis=1, keepdims=True), region.shape)
+    H, W = images.shape[2:4]
+    spread = images.std(axis=1).mean(axis=-1)  # (P, H, W)
+    cells = spread.reshape(P, h, H // h, w, W // w).mean(axis=(2, 4))  # (P, h, w) area average
+    agreement = np.broadcast_to((1.0 - cells)[:, None], region.shape)
+    return {"be_magnitude_seeds": np.ascontiguousarray(mean), "be_magnitude_agreement": np.ascontiguousarray(mean * agreement)}
 
 
 def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path, result: dict | None = None) -> dict:
