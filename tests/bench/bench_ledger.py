@@ -8,7 +8,8 @@ the ground-truth detection scoring (AUC per kind, as the monitor runs every dete
 With ``--neighbours N`` it instead measures the ``neighbours`` signal's index
 (train/monitor/neighbours.py) holding N stored rows of the default embedding (4 latent channels x
 8 x 8 = 256 numbers): bytes per row, and the time to add one gathered batch of new rows (search
-against all N, then store) for each backend installed (exact; faiss with faiss-cpu).
+against all N, then store) for each backend installed (exact; faiss with faiss-cpu); ``--dim 512``
+for SSCD descriptors (``monitor.neighbours.embedding: sscd-onnx``).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--neighbours", type=int, metavar="N", help="measure the neighbour index at N stored rows")
+    parser.add_argument("--dim", type=int, default=256, help="--neighbours: embedding size (256 pooled latent, 512 SSCD)")
     args = parser.parse_args()
     if args.neighbours:
-        print(json.dumps(bench_neighbours(args.neighbours, args.batch), indent=1))
+        print(json.dumps(bench_neighbours(args.neighbours, args.batch, dim=args.dim), indent=1))
         return
     before = rss_gib()
     ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy())
