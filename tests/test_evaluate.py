@@ -407,6 +407,34 @@ def test_sharded_evaluation_matches_a_single_process(pipe, monkeypatch):
         assert a["be_mean"] == pytest.approx(b["be_mean"], rel=1e-4)
 
 
+def test_region_maps_read_over_a_prompts_seeds_keep_its_seeds_together(pipe, monkeypatch):
+    """eval.region_map_seeds: every seed of a prompt gets the prompt's map (one rank, one batch per
+    prompt, even when batch_size would split it); without it the seeds' maps differ."""
+    import accelerate.utils
+
+    from train.evaluate import evaluate_probes
+
+    probes = [Probe("a red circle"), Probe("a green square"), Probe("a tree")]
+    kw = dict(steps=2, guidance_scale=3.0, seeds=[0, 1], batch_size=3, num_panels=0, quality=False)
+    maps = {}
+    for mode in ("none", "mean", "agreement"):
+        records = evaluate_probes(EvalConfig(region_map_seeds=mode, **kw), pipe, probes, height=RES, width=RES).records
+        maps[mode] = [np.asarray(r["region"]["map"]) for r in records]
+    assert any(not np.allclose(maps["none"][2 * p], maps["none"][2 * p + 1]) for p in range(3))
+    for mode in ("mean", "agreement"):
+        assert all(np.allclose(maps[mode][2 * p], maps[mode][2 * p + 1]) for p in range(3))
+    assert not np.allclose(maps["mean"][0], maps["agreement"][0])
+    sent: list[list] = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: sent.append(list(items)) or list(items))
+    evaluate_probes(EvalConfig(region_map_seeds="mean", **kw), pipe, probes, height=RES, width=RES,
+                    accelerator=FakeRank(1, 2))
+    assert sorted(r["job"] for r in sent[0]) == [2, 3]  # rank 1's share: the second prompt's seeds
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.region_map_seeds"):
+        validate_eval(EvalConfig(region_map_seeds="mean", seeds=[0]))
+
+
 def test_aligned_nearest_names_mismatched_sizes():
     with pytest.raises(ValueError, match="aligned_nearest"):
         aligned_nearest(np.zeros((2, 16, 16, 3)), np.zeros((3, 32, 32, 3)))

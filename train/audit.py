@@ -239,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sscd-model", help="SSCD .onnx or TorchScript file")
     p.add_argument("--replica-threshold", type=float, help="override the backend's replica threshold")
     p.add_argument("--region", default="quantile", choices=["quantile", "soft"])
+    p.add_argument("--region-map-seeds", default="none", choices=["none", "mean", "agreement"],
+                   help="read each prompt's seeds together for the region map (needs --seeds >= 2)")
     p.add_argument("--cache-dir", default="~/.cache/copyguard/eval-features", help="cached training features")
     p.add_argument("--num-cases", type=int, default=12, help="worst cases shown as images")
     p.add_argument("--no-progress", action="store_true")
@@ -267,6 +269,7 @@ def eval_config(args) -> EvalConfig:
     cfg = EvalConfig(num_prompts=args.num_prompts, seeds=list(range(args.seeds)), steps=args.steps,
                      guidance_scale=args.guidance, batch_size=args.batch_size, similarity=args.similarity,
                      sscd_model=args.sscd_model, replica_threshold=args.replica_threshold, region=args.region,
+                     region_map_seeds=args.region_map_seeds,
                      feature_cache=args.cache_dir, num_panels=args.num_cases, flagged_fraction=0.0,
                      heldout_fraction=0.0, stratify_column=args.stratify)
     validate_eval(cfg)

@@ -31,7 +31,7 @@ import numpy as np
 
 from launch.testbed.evaluate import REGION_KINDS, load_pipeline, score, select_prompts, testbed_of_run
 from launch.testbed.reading import load_mask, read_manifest
-from train.evaluate.local import localization_iou
+from train.evaluate.local import localization_iou, prompt_maps
 
 
 def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, guidance: float,
@@ -59,19 +59,13 @@ def generate(pipe, texts: list[str], seeds: int, resolution: int, steps: int, gu
 
 
 def seed_maps(images: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:
-    """Maps that read a prompt's seeds together ((P, S, ...) in, each seed of a prompt gets the same
-    map). A copied region comes out the same whatever the seed, the rest of the picture varies:
-    ``be_magnitude_seeds``: the region map averaged over the prompt's seeds (each normalized to sum 1
-    first); ``be_magnitude_agreement``: that average times the pixels' agreement across seeds
-    (1 - their standard deviation over seeds, averaged over the map cell and the colours)."""
-    P, S, h, w = region.shape
-    unit = region / np.maximum(region.sum(axis=(2, 3), keepdims=True), 1e-12)
-    mean = np.broadcast_to(unit.mean(axis=1, keepdims=True), region.shape)
-    H, W = images.shape[2:4]
-    spread = images.std(axis=1).mean(axis=-1)  # (P, H, W)
-    cells = spread.reshape(P, h, H // h, w, W // w).mean(axis=(2, 4))  # (P, h, w) area average
-    agreement = np.broadcast_to((1.0 - cells)[:, None], region.shape)
-    return {"be_magnitude_seeds": np.ascontiguousarray(mean), "be_magnitude_agreement": np.ascontiguousarray(mean * agreement)}
+    """The region map read over each prompt's seeds ((P, S, ...) in; :func:`train.evaluate.local.prompt_maps`):
+    ``be_magnitude_seeds`` averaged, ``be_magnitude_agreement`` also times the seeds' pixel agreement."""
+    P, S = region.shape[:2]
+    flat_images, flat_maps = images.reshape(P * S, *images.shape[2:]), region.reshape(P * S, *region.shape[2:])
+    ids = np.repeat(np.arange(P), S)
+    return {name: prompt_maps(flat_images, flat_maps, ids, agreement).reshape(region.shape)
+            for name, agreement in (("be_magnitude_seeds", False), ("be_magnitude_agreement", True))}
 
 
 def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path, result: dict | None = None) -> dict:

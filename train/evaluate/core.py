@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from train.evaluate.measures import default_extractor, kernel_distance
-from train.evaluate.local import be_region, heatmap_overlay, localization_iou, region_neighbours
+from train.evaluate.local import be_region, heatmap_overlay, localization_iou, prompt_maps, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
 from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists
 from train.sscd import to_uint8
@@ -164,8 +165,14 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
 
     rank, world = _rank_world(accelerator)
     jobs = [(p, s) for p in range(len(probes)) for s in cfg.seeds]
-    mine = list(range(len(jobs)))[rank::world]
-    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    seeds_together = cfg.region_map_seeds != "none"
+    if seeds_together:  # a prompt's seeds share a rank and a batch: their maps are read together
+        per_batch = max(1, cfg.batch_size // len(cfg.seeds)) * len(cfg.seeds)
+        mine = [j for j, (p, _) in enumerate(jobs) if p % world == rank]
+    else:
+        per_batch = cfg.batch_size
+        mine = list(range(len(jobs)))[rank::world]
+    batches = [mine[i:i + per_batch] for i in range(0, len(mine), per_batch)]
     records, kid_rows, kept = [], [], {}
     extractor = default_extractor()
     bar = tqdm(total=len(jobs), desc="generate", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -176,6 +183,9 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
                                     width=width, be_layers=list(cfg.be_layers) if cfg.be_layers else "default",
                                     autocast_dtype=autocast_dtype, region_map=cfg.region_map,
                                     region_map_steps=cfg.region_map_steps)
+        if seeds_together:
+            gen = dataclasses.replace(gen, region_maps=prompt_maps(
+                gen.images, gen.region_maps, np.array([jobs[j][0] for j in batch]), cfg.region_map_seeds == "agreement"))
         verdicts = judge.judge(gen, batch_probes) if judge is not None else [{} for _ in batch]
         if annotate is not None:
             verdicts = [{**v, **extra} for v, extra in zip(verdicts, annotate(gen, batch_probes))]

@@ -36,6 +36,26 @@ def be_region(be_map: np.ndarray, shape: tuple[int, int], mode: str = "quantile"
     raise ValueError(f"unknown region mode {mode!r}")
 
 
+def prompt_maps(images: np.ndarray, maps: np.ndarray, prompts: np.ndarray, agreement: bool = False) -> np.ndarray:
+    """Region maps read over each prompt's seeds: a copied region comes out the same whatever the
+    seed, the rest of the picture varies. Per prompt (generations with equal ``prompts`` ids), the
+    maps [N, h, w] normalized to sum 1 and averaged; with ``agreement``, times the pixels' agreement
+    across the prompt's generations (1 - their standard deviation over seeds, averaged over colours
+    and over each map cell). Every generation of a prompt gets its prompt's map."""
+    images, maps, prompts = np.asarray(images, np.float32), np.asarray(maps, np.float32), np.asarray(prompts)
+    out = np.empty_like(maps)
+    for prompt in np.unique(prompts):
+        members = np.flatnonzero(prompts == prompt)
+        own = maps[members]
+        mean = (own / np.maximum(own.sum(axis=(1, 2), keepdims=True), 1e-12)).mean(axis=0)
+        if agreement and len(members) > 1:
+            spread = torch.from_numpy(images[members].std(axis=0).mean(axis=-1))[None, None]
+            cells = torch.nn.functional.adaptive_avg_pool2d(spread, maps.shape[1:])[0, 0].numpy()
+            mean = mean * (1.0 - cells)
+        out[members] = mean
+    return out
+
+
 @dataclass
 class LocalMatch:
     index: np.ndarray     # int [N]: nearest training image inside the region (bank rows)
