@@ -382,34 +382,39 @@ class FakeRank:
 
 
 def test_sharded_evaluation_matches_a_single_process(pipe, monkeypatch):
-    """Two ranks each generate every other job; after the gather both hold the single-process
-    records. Rank 1 runs first and its gathered parts are replayed into rank 0's gathers."""
+    """Two ranks each generate every other job (every other prompt with its seeds when the seeds'
+    maps are read together); after the gather both hold the single-process records. Rank 1 runs first and its gathered parts are replayed into rank 0's gathers."""
     import accelerate.utils
 
     from train.evaluate import evaluate_probes
 
-    cfg = EvalConfig(steps=2, guidance_scale=3.0, seeds=[0, 1], batch_size=2, num_panels=0, quality=False)
     probes = [Probe("a red circle"), Probe("a green square"), Probe("a tree")]
-    single = evaluate_probes(cfg, pipe, probes, height=RES, width=RES)
+    # rank 1's share: every other job, or every other prompt's seeds when they are read together
+    for seeds_read, share in (("none", [1, 3, 5]), ("agreement", [2, 3])):
+        cfg = EvalConfig(steps=2, guidance_scale=3.0, seeds=[0, 1], batch_size=2, num_panels=0, quality=False,
+                         region_map_seeds=seeds_read)
+        monkeypatch.undo()
+        single = evaluate_probes(cfg, pipe, probes, height=RES, width=RES)
+        sent: list[list] = []
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: sent.append(list(items)) or list(items))
+        evaluate_probes(cfg, pipe, probes, height=RES, width=RES, accelerator=FakeRank(1, 2))
+        assert sorted(r["job"] for r in sent[0]) == share
+        replay = iter(sent)
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: list(items) + next(replay))
+        sharded = evaluate_probes(cfg, pipe, probes, height=RES, width=RES, accelerator=FakeRank(0, 2))
 
-    sent: list[list] = []
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: sent.append(list(items)) or list(items))
-    evaluate_probes(cfg, pipe, probes, height=RES, width=RES, accelerator=FakeRank(1, 2))
-    assert sorted(r["job"] for r in sent[0]) == [1, 3, 5]  # rank 1's share: every other job
-    replay = iter(sent)
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: list(items) + next(replay))
-    sharded = evaluate_probes(cfg, pipe, probes, height=RES, width=RES, accelerator=FakeRank(0, 2))
-
-    assert [r["job"] for r in sharded.records] == list(range(6))
-    for a, b in zip(single.records, sharded.records):
-        assert (a["prompt"], a["seed"]) == (b["prompt"], b["seed"])
-        assert a["magnitude"] == pytest.approx(b["magnitude"], rel=1e-4)
-        assert a["be_mean"] == pytest.approx(b["be_mean"], rel=1e-4)
+        assert [r["job"] for r in sharded.records] == list(range(6))
+        for a, b in zip(single.records, sharded.records):
+            assert (a["prompt"], a["seed"]) == (b["prompt"], b["seed"])
+            assert a["magnitude"] == pytest.approx(b["magnitude"], rel=1e-4)
+            assert a["be_mean"] == pytest.approx(b["be_mean"], rel=1e-4)
+            assert np.allclose(a["region"]["map"], b["region"]["map"], atol=1e-4)
 
 
 def test_region_maps_read_over_a_prompts_seeds_keep_its_seeds_together(pipe, monkeypatch):
     """eval.region_map_seeds: every seed of a prompt gets the prompt's map (one rank, one batch per
-    prompt, even when batch_size would split it); without it the seeds' maps differ."""
+    prompt, even when batch_size would split it); without it the seeds' maps differ; with one seed
+    the map is the plain one."""
     import accelerate.utils
 
     from train.evaluate import evaluate_probes
@@ -432,7 +437,11 @@ def test_region_maps_read_over_a_prompts_seeds_keep_its_seeds_together(pipe, mon
     from train.config import ConfigError
 
     with pytest.raises(ConfigError, match="eval.region_map_seeds"):
-        validate_eval(EvalConfig(region_map_seeds="mean", seeds=[0]))
+        validate_eval(EvalConfig(region_map_seeds="median"))
+    one_seed = {**kw, "seeds": [0]}  # one seed per prompt: nothing to read together, the plain map
+    plain, read = (evaluate_probes(EvalConfig(region_map_seeds=mode, **one_seed), pipe, probes[:1], height=RES,
+                                   width=RES).records[0]["region"]["map"] for mode in ("none", "agreement"))
+    assert np.allclose(plain, read)
 
 
 def test_aligned_nearest_names_mismatched_sizes():

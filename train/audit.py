@@ -239,8 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sscd-model", help="SSCD .onnx or TorchScript file")
     p.add_argument("--replica-threshold", type=float, help="override the backend's replica threshold")
     p.add_argument("--region", default="quantile", choices=["quantile", "soft"])
-    p.add_argument("--region-map-seeds", default="none", choices=["none", "mean", "agreement"],
-                   help="read each prompt's seeds together for the region map (needs --seeds >= 2)")
+    p.add_argument("--region-map-seeds", default="agreement", choices=["agreement", "mean", "none"],
+                   help="read each prompt's seeds together for the region map (with --seeds >= 2)")
     p.add_argument("--cache-dir", default="~/.cache/copyguard/eval-features", help="cached training features")
     p.add_argument("--num-cases", type=int, default=12, help="worst cases shown as images")
     p.add_argument("--no-progress", action="store_true")

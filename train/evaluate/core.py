@@ -165,7 +165,7 @@ def evaluate_probes(cfg, pipe, probes: Sequence[Probe], *, height: int, width: i
 
     rank, world = _rank_world(accelerator)
     jobs = [(p, s) for p in range(len(probes)) for s in cfg.seeds]
-    seeds_together = cfg.region_map_seeds != "none"
+    seeds_together = cfg.region_map_seeds != "none" and len(cfg.seeds) > 1
     if seeds_together:  # a prompt's seeds share a rank and a batch: their maps are read together
         per_batch = max(1, cfg.batch_size // len(cfg.seeds)) * len(cfg.seeds)
         mine = [j for j, (p, _) in enumerate(jobs) if p % world == rank]
