@@ -10,9 +10,9 @@ cases are known; only those panels travel.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,8 +24,8 @@ from train.evaluate.measures import default_extractor, kernel_distance
 from train.evaluate.local import be_region, heatmap_overlay, localization_iou, prompt_maps, region_neighbours
 from train.evaluate.sampling import Generation, generate_with_capture
 from train.evaluate.similarity import PixelBackend, build_backend, feature_bank, gather_lists
-from train.sscd import to_uint8
 from train.evaluate.trainset import Probe, TrainingSet
+from train.sscd import to_uint8
 
 log = logging.getLogger(__name__)
 

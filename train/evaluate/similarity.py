@@ -35,7 +35,6 @@ from PIL import Image
 
 from train import sscd
 from train.evaluate.measures import nearest
-from train.sscd import to_uint8
 from train.util import write_array
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     if size <= 0 or images.shape[1:3] == (size, size):
         return images
     out = np.empty((len(images), size, size, 3), dtype=np.float32)
-    for i, image in enumerate(to_uint8(images)):
+    for i, image in enumerate(sscd.to_uint8(images)):
         pil = Image.fromarray(image)
         method = Image.BOX if pil.width >= size else Image.BICUBIC
         out[i] = np.asarray(pil.resize((size, size), method), dtype=np.float32) / 255.0

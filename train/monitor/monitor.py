@@ -82,7 +82,7 @@ class Monitor:
                             cfg.label_column)
             else:
                 self.labels = np.asarray(table[cfg.label_column], dtype=object)
-        self.neighbours, self.sscd = make_index(cfg, unet.config.in_channels)
+        self.neighbours, self.sscd = make_index(cfg, unet.config.in_channels, unet.device)
         self._log_lines = 0
         self.window_sum = np.zeros(len(self.signals))
         self.window_count = np.zeros(len(self.signals))

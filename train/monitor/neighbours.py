@@ -14,8 +14,8 @@ built while training, so it also works on streamed data.
   copy-detection descriptor of the training image (512 numbers), which a crop, turn, recolour or
   re-encoding moves much less than a change of picture. It costs one descriptor per row, computed
   at the row's first sighting only (a map-style data set; a streamed one embeds every row it
-  reads); on the CPU about 37 ms an image with one thread (int8 ResNet-50 at 224 px), so at real
-  scale run the TorchScript file on the GPU.
+  reads): an int8 ResNet-50 at 224 px through onnxruntime on the CPU, or a TorchScript SSCD file
+  on the training device (docs/detection.md says what it costs).
 * Index (:class:`NeighbourIndex`): a row's embedding is stored at its first sighting, compared by
   cosine with every row stored so far, and each pair at or above ``threshold`` raises both rows'
   counts, so ``count[i]`` is the number of distinct seen rows that look like row i. The exact
@@ -233,12 +233,14 @@ class SSCDEmbedder:
         return out
 
 
-def make_index(cfg, latent_channels: int) -> tuple[Optional[NeighbourIndex], Optional[SSCDEmbedder]]:
+def make_index(cfg, latent_channels: int, device: str | torch.device = "cpu"
+               ) -> tuple[Optional[NeighbourIndex], Optional[SSCDEmbedder]]:
     """The monitor's index when ``neighbours`` is among its signals (None otherwise), and the SSCD
-    embedder when the index holds SSCD descriptors (None: pooled latents)."""
+    embedder when the index holds SSCD descriptors (None: pooled latents; a TorchScript SSCD runs
+    on ``device``)."""
     if "neighbours" not in cfg.signals:
         return None, None
     n = cfg.neighbours
-    embedder = SSCDEmbedder(n.embedding, n.sscd_model) if n.embedding != "latent" else None
+    embedder = SSCDEmbedder(n.embedding, n.sscd_model, device) if n.embedding != "latent" else None
     dim = embedder.dim if embedder is not None else latent_channels * n.side ** 2
     return NeighbourIndex(dim, n.threshold, backend=n.backend), embedder
