@@ -383,7 +383,8 @@ class FakeRank:
 
 def test_sharded_evaluation_matches_a_single_process(pipe, monkeypatch):
     """Two ranks each generate every other job (every other prompt with its seeds when the seeds'
-    maps are read together); after the gather both hold the single-process records. Rank 1 runs first and its gathered parts are replayed into rank 0's gathers."""
+    maps are read together); after the gather both hold the single-process records. Rank 1 runs
+    first and its gathered parts are replayed into rank 0's gathers."""
     import accelerate.utils
 
     from train.evaluate import evaluate_probes

@@ -178,5 +178,5 @@ def test_static_sscd_dedup_groups_the_near_duplicates_the_hash_misses(tmp_path):
     assert len(set(duplicate_groups(table, "image").tolist())) == 10  # the hash sees ten pictures
     groups = descriptor_groups(table, "image", None, "sscd-onnx", 0.8).tolist()
     assert groups[0] == groups[8] == groups[9] and len(set(groups[:8])) == 8, groups
-    with pytest.raises(ValueError, match="sscd_model"):
+    with pytest.raises(ValueError, match="mitigate.dedup.sscd_model"):
         descriptor_groups(table, "image", None, "sscd-torchscript", 0.8)

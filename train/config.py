@@ -256,6 +256,9 @@ def validate(cfg: DictConfig) -> None:
     if mon.flag.policy == "calibrated" and mon.detector != "heads":
         raise ConfigError("monitor.flag.policy=calibrated flags by the detector heads' probability: set "
                           "monitor.detector=heads, or another monitor.flag.policy (zscore, quantile, absolute)")
+    if "neighbours" in mon.signals and mon.neighbours.embedding == "sscd-torchscript" and not mon.neighbours.sscd_model:
+        raise ConfigError("monitor.neighbours.embedding=sscd-torchscript needs monitor.neighbours.sscd_model "
+                          "(the TorchScript file)")
     if mon.flag.probability_off > mon.flag.probability:
         raise ConfigError("monitor.flag.probability_off must be <= monitor.flag.probability (hysteresis)")
     if mon.flag.quantile > mon.flag.quantile_off:

@@ -100,7 +100,7 @@ def descriptor_groups(table, image_column: str, root: Optional[Path], embedding:
     re-encodings that the hash cannot; unreadable rows stand alone."""
     from train.monitor.neighbours import NeighbourIndex, SSCDEmbedder
 
-    embedder = SSCDEmbedder(embedding, model_path)
+    embedder = SSCDEmbedder(embedding, model_path, section="mitigate.dedup")
     index = NeighbourIndex(embedder.dim, threshold, capacity=max(len(table), 1))
     for i, image in enumerate(_images(table, image_column, root)):
         if image is not None:  # one at a time: a user's images differ in size
@@ -261,6 +261,8 @@ class Dedup(Mitigation):
                     "(or regions with region_scope=image)")
         if not cls.active(cfg):
             return None
+        if cfg.images and cfg.embedding == "sscd-torchscript" and not cfg.sscd_model:
+            return "mitigate.dedup.embedding=sscd-torchscript needs mitigate.dedup.sscd_model (the TorchScript file)"
         if run_cfg.data.source == "webdataset":
             return "mitigate.dedup needs the whole data set up front; it is not available for webdataset streams"
         if cfg.regions and run_cfg.data.resolution % cfg.region_tiles:

@@ -213,13 +213,13 @@ class SSCDEmbedder:
     """SSCD descriptors of a batch's training images (``pixel_values`` in [-1, 1], [B, 3, H, W]);
     rows marked as already stored get zeros (the index reads a row's vector at its first sighting only)."""
 
-    def __init__(self, embedding: str, model_path: Optional[str], device: str | torch.device = "cpu"):
+    def __init__(self, embedding: str, model_path: Optional[str], device: str | torch.device = "cpu",
+                 section: str = "monitor.neighbours"):
         from train.sscd import load_sscd
 
         kind = embedding.removeprefix("sscd-")
-        if kind == "torchscript" and not model_path:
-            raise ValueError("monitor.neighbours.embedding=sscd-torchscript needs monitor.neighbours.sscd_model "
-                             "(the TorchScript file)")
+        if kind == "torchscript" and not model_path:  # ``section``: the config keys to name in the error
+            raise ValueError(f"{section}.embedding=sscd-torchscript needs {section}.sscd_model (the TorchScript file)")
         self.model = load_sscd(kind, model_path, device)
         self.dim = self.model.features(np.zeros((1, 32, 32, 3), np.float32)).shape[1]
 
