@@ -85,3 +85,31 @@ def test_the_calibrated_policy_flags_a_kind_that_is_too_common_for_a_z_score():
 def test_the_calibrated_policy_needs_the_heads():
     with pytest.raises(ValueError, match="detector=heads"):
         Ledger(10, ["loss"], [1.0], FlagPolicy(policy="calibrated"))
+
+
+def test_the_margin_asks_more_of_a_row_seen_few_times():
+    # one head on one signal, P = 0.73 at mean z 1.25: two rows share that mean, one seen twice and
+    # one seen fifty times; a margin of 2 standard errors (2 * 4 / sqrt(n) on the head's scale)
+    # keeps the first unflagged, the second flagged once its mean is well estimated
+    heads = np.array([[-4.0, 4.0]], np.float32)
+    ledger = Ledger(2, ["loss"], [1.0], FlagPolicy(policy="calibrated", min_obs=1, margin=2.0), heads=heads)
+    for step in range(50):
+        rows = np.array([0, 1]) if step < 2 else np.array([1])
+        ledger.update(rows, np.full((len(rows), 1), 2.0, np.float32), step)
+    assert ledger.sig_count[:, 0].tolist() == [2, 50]
+    assert ledger.score[0] == pytest.approx(-4.0 + 8.0 - 2 * 4.0 / np.sqrt(2), abs=1e-2)
+    assert not ledger.flagged[0] and ledger.flagged[1]
+    # first flagged when 4 - 8 / sqrt(n) >= 1, i.e. at the 8th observation (step 7), not at the first
+    assert ledger.first_flagged_step[1] == 7
+    plain = Ledger(2, ["loss"], [1.0], FlagPolicy(policy="calibrated", min_obs=1), heads=heads)
+    plain.update(np.array([0, 1]), np.full((2, 1), 2.0, np.float32), 0)
+    assert plain.flagged.all()  # without the margin one observation is enough
+
+
+def test_the_weighted_score_pays_the_margin_by_its_signals_counts():
+    ledger = Ledger(1, ["a", "b"], [1.0, 3.0], FlagPolicy(policy="absolute", min_obs=1, margin=1.0))
+    ledger.update(np.array([0]), np.array([[1.0, np.nan]], np.float32), 0)  # only "a" observed, once
+    assert ledger.score[0] == pytest.approx(1.0 - 1.0)
+    ledger.update(np.array([0]), np.array([[1.0, 2.0]], np.float32), 1)  # a: 2 observations, b: 1
+    expected = (1.0 * 1.0 + 3.0 * 2.0) / 4.0 - np.sqrt(1.0 / 2 + 9.0 / 1) / 4.0
+    assert ledger.score[0] == pytest.approx(expected, abs=1e-3)

@@ -49,12 +49,15 @@ def test_loss_goes_down_on_a_repeated_batch(tmp_path, cache_dir):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
 
 
-def test_exact_resume_mid_epoch_matches_a_straight_run(tmp_path, cache_dir):
+@pytest.mark.parametrize("mitigation", [{}, {"mitigate.agc.enabled": "true", "mitigate.agc.t_bins": 1}],
+                         ids=["plain", "agc"])
+def test_exact_resume_mid_epoch_matches_a_straight_run(tmp_path, cache_dir, mitigation):
     # 32 samples / batch 4 = 8 batches per epoch: stopping at step 5 of 11 (accumulation 1) is mid-epoch;
-    # EMA, caption dropout, random crop and flip all have state or randomness that must carry over.
+    # EMA, caption dropout, random crop and flip all have state or randomness that must carry over,
+    # and so do a mitigation's running averages (agc: one loss average for every timestep, so it skips)
     common = {"train.lr_scheduler": "constant", "train.use_ema": "true", "train.ema_decay": 0.9,
               "train.caption_dropout": 0.3, "data.center_crop": "false", "data.random_flip": "true",
-              "train.checkpoint_every": 5}
+              "train.checkpoint_every": 5, **mitigation}
     straight = main(fast_overrides(cache_dir, tmp_path / "a", **{**common, "train.max_steps": 11}))
     first = main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 5}))
     resumed = main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 11,
@@ -66,6 +69,9 @@ def test_exact_resume_mid_epoch_matches_a_straight_run(tmp_path, cache_dir):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
     wa, wb = unet_weights(straight), unet_weights(resumed)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    if mitigation:
+        skipped = [r["mitig/agc_skipped"] for r in read_metrics(resumed) if "mitig/agc_skipped" in r]
+        assert skipped and max(skipped) > 0  # it acted, after the resume too
 
 
 def test_resume_with_accumulation_honours_a_larger_max_steps(tmp_path, cache_dir):

@@ -408,3 +408,43 @@ def test_trainer_stops_flagged_rows_that_are_ahead_of_their_peers(tmp_path, cach
     assert all(weights[s] == 1.0 for s in range(1, 5))     # epoch 1 (32 rows / 8): nobody flagged yet
     later = [weights[s] for s in range(5, 9)]  # epoch 2: flagged rows ahead of their peers stop, the rest train
     assert min(later) < 1.0 and max(later) > 0.0
+
+
+def agc(**kw):
+    from train.mitigate.agc import AGCConfig, AntiGradientControl
+
+    cfg = OmegaConf.structured(AGCConfig)
+    cfg.merge_with({"enabled": True, **kw})
+    return AntiGradientControl(cfg, context())
+
+
+def agc_step(timesteps, losses, flagged=None) -> MitigationStep:
+    n = len(losses)
+    flagged = torch.zeros(n, dtype=torch.bool) if flagged is None else torch.tensor(flagged)
+    return MitigationStep({}, 5, 5, flagged, None, torch.tensor(timesteps), loss=torch.tensor(losses))
+
+
+def test_agc_skips_a_sample_far_below_the_running_loss_at_its_timestep():
+    m = agc()
+    first = m.weights(agc_step([10, 10, 500, 500], [1.0, 1.0, 1.0, 1.0]))
+    assert first.tolist() == [1.0] * 4  # no running loss yet at these timesteps: nothing to compare with
+    losses = [0.5, 1.0, 0.9, 0.1]
+    w = m.weights(agc_step([10, 10, 500, 900], losses))
+    # 0.5 x 1.25 < 1 at t=10: skipped; 0.9 x 1.25 >= 1 kept; t=900 has no average yet: kept;
+    # the batch loss is the mean over the three kept samples
+    assert w.tolist() == pytest.approx([0.0, 4 / 3, 4 / 3, 4 / 3])
+    assert float((w * torch.tensor(losses)).mean()) == pytest.approx((1.0 + 0.9 + 0.1) / 3)
+    assert m.average[10] == pytest.approx(0.8 * (0.8 * 1.0 + 0.2 * 0.5) + 0.2 * 1.0)  # both t=10 rows folded
+    assert m.metrics()["mitig/agc_skipped"] == (1.0, 8)
+
+
+def test_agc_state_round_trips_and_flagged_target_spares_the_rest():
+    m = agc(target="flagged")
+    m.weights(agc_step([10, 20], [1.0, 1.0]))
+    again = agc(target="flagged")
+    again.load_state(json.loads(json.dumps(m.state())))  # as the checkpoint's train_state.json holds it
+    assert torch.equal(again.average, m.average) and torch.equal(again.seen, m.seen)
+    w = again.weights(agc_step([10, 20], [0.1, 0.1], flagged=[True, False]))
+    assert w.tolist() == pytest.approx([0.0, 2.0])  # both far below their averages; only the flagged one skips
+    with pytest.raises(ValueError, match="t_bins"):
+        agc(t_bins=10).load_state(m.state())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import fast_overrides
 
-from launch.testbed.lead_time import alert_steps, lead_times
+from launch.testbed.lead_time import alert_steps, lead_times, replay_flags
 from launch.testbed.lead_time import main as lead_time_main
 from train.evaluate.onset import OnsetTable
 from train.finetune import main as train
+from train.monitor.detector import load_heads
+from train.monitor.ledger import FlagPolicy, Ledger
 
 
 def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_dir):
@@ -37,6 +40,10 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "lead.md")])
     table = (tmp_path / "lead.md").read_text()
     assert "| loss | global |" in table and "| score | clean |" in table
+    # the flags replayed on the snapshots under another margin (the run flags by the heads' probability)
+    lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2"])
+    replay = (tmp_path / "replay.md").read_text()
+    assert "| 0 | global | 6 |" in replay and "| 2 | clean | 8 |" in replay
     # an empty snapshot folder: the flags' table alone, no crash
     for snapshot in (run / "ledger_history").iterdir():
         snapshot.unlink()
@@ -85,3 +92,29 @@ def test_a_signal_alerts_when_it_beats_the_clean_rows_at_a_snapshot():
                30: snapshot([0.0, 1.0, 2.0, 3.0, 0.0])}
     first = alert_steps(history, "loss_mean", false_alarm=0.25)  # bar: the clean rows' 75% quantile (2.25)
     assert first["p"] == 20 and first["c4"] == 10 and first["c1"] == -1
+
+
+def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update():
+    # a ledger with the shipped heads, snapshotted after every update, replayed with its own policy:
+    # the same first flags; replayed with a margin, fewer and later ones
+    signals = ["loss", "token_entropy"]
+    _, heads = load_heads(signals)
+    rng = np.random.default_rng(0)
+    n = 60
+    groups = ["global"] * 10 + ["clean"] * 50
+    ids = [f"r{i}" for i in range(n)]
+    policy = FlagPolicy(policy="calibrated", min_obs=2)
+    ledger = Ledger(n, signals, [1.0, 1.0], policy, heads=heads)
+    history = {}
+    for step in range(12):
+        z = rng.normal(size=(n, 2)).astype(np.float32)
+        z[:10, 0] += 0.25 * step  # the planted rows' loss z grows as they are learned
+        z[rng.random((n, 2)) < 0.3] = np.nan  # not every signal is read on every sighting
+        ledger.update(np.arange(n), z, step)
+        history[step] = ledger.table(sample_ids=ids, extra={"group": groups}).to_pydict()
+    first, now = replay_flags(history, signals, policy)
+    assert first == {i: int(s) for i, s in zip(ids, ledger.first_flagged_step)}
+    assert [now[i] for i in ids] == ledger.flagged.tolist() and any(now.values())
+    strict, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2, margin=2.0))
+    assert sum(s >= 0 for s in strict.values()) < sum(s >= 0 for s in first.values())
+    assert all(strict[i] < 0 or strict[i] >= first[i] >= 0 for i in ids)

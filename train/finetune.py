@@ -366,6 +366,7 @@ def train_micro_batch(cfg: DictConfig, accelerator, m: Models, batch: dict, stat
     pred = m.unet(n.noisy, n.timesteps, text_emb, return_dict=False)[0]
     # 4. loss per sample; 5. signals -> gathered -> ledger (the monitor sees the plain loss)
     loss_vec = per_sample_loss(pred, n.target, n.timesteps, scheduler, tcfg.snr_gamma)
+    mstep.loss, mstep.gather = loss_vec.detach(), accelerator.gather
     weights, where = mitigations.weights_and_map(mstep, n.latents.shape[-2:], device)
     objective = (per_sample_loss(pred, n.target, n.timesteps, scheduler, tcfg.snr_gamma, where)
                  if where is not None else loss_vec)
@@ -445,8 +446,8 @@ def log_window(cfg: DictConfig, accelerator, m: Models, state: TrainState, data,
     return metrics
 
 
-def checkpoint(cfg: DictConfig, accelerator, m: Models, state: TrainState, rng, monitor, zero_stage: int,
-               out: Path, tracker: Tracker) -> None:
+def checkpoint(cfg: DictConfig, accelerator, m: Models, state: TrainState, rng, monitor, mitigations: Mitigations,
+               zero_stage: int, out: Path, tracker: Tracker) -> None:
     world = accelerator.num_processes
     if zero_stage < 3 and world > 1:  # ranks must hold the same weights; say so if not
         divergence = weights_divergence(accelerator, accelerator.unwrap_model(m.unet))
@@ -454,6 +455,7 @@ def checkpoint(cfg: DictConfig, accelerator, m: Models, state: TrainState, rng, 
         if divergence > 0:
             log.warning("ranks hold different weights at step %d (divergence %.3g)", state.step, divergence)
     state.lr_scheduler = {k: v for k, v in m.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+    state.extra["mitigate"] = mitigations.state()
     path = save_checkpoint(accelerator, out, state, rng, m.ema, cfg.train.checkpoints_total_limit,
                            extra_files={LEDGER_FILE: monitor.save} if monitor is not None else None)
     log.info("saved %s", path)
@@ -496,7 +498,9 @@ def run(cfg: DictConfig) -> Path:
         if resume_from is not None:
             monitor.load(resume_from)
     mitigations = build_mitigations(cfg.mitigate, BuildContext(cfg.seed, m.parts.tokenizer, monitor,
-                                                               tcfg.caption_dropout, data_cfg, cfg.model.cache_dir))
+                                                               tcfg.caption_dropout, data_cfg, cfg.model.cache_dir,
+                                                               m.parts.noise_scheduler.config.num_train_timesteps))
+    mitigations.load_state(state.extra.get("mitigate", {}))  # empty on a fresh start
     # mitigations known from the data alone (de-duplication) may decide how rows are drawn
     sample_weights = None if streaming else mitigations.prepare(table, root)
     data = build_train_data(data_cfg, batch_size=tcfg.batch_size, seed=cfg.seed, rank=rank, world=world,
@@ -551,7 +555,7 @@ def run(cfg: DictConfig) -> Path:
             (out / HISTORY_DIR).mkdir(exist_ok=True)
             monitor.write_parquet(out / HISTORY_DIR / f"step-{state.step:07d}.parquet")
         if state.step % tcfg.checkpoint_every == 0 or last:
-            checkpoint(cfg, accelerator, m, state, rng, monitor, zero_stage, out, tracker)
+            checkpoint(cfg, accelerator, m, state, rng, monitor, mitigations, zero_stage, out, tracker)
 
     progress.close()
     if monitor is not None:

@@ -73,6 +73,35 @@ def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> di
     return {str(i): first.get(str(i), -1) for step in history for i in history[step]["sample_id"]}
 
 
+def replay_flags(history: dict[int, dict], signals: list[str], policy) -> tuple[dict[str, int], dict[str, bool]]:
+    """The flags a run would have raised under another ``policy`` (a :class:`FlagPolicy`, e.g. another
+    ``margin``), replayed on its ledger snapshots with the shipped heads: each snapshot's per-signal
+    means and counts re-scored, hysteresis carried from one snapshot to the next. A flag that rose
+    and fell between two snapshots is missed, so snapshots at most an epoch apart see every update.
+    Returns (sample id -> first flagged snapshot step, -1 = never; sample id -> flagged at the last)."""
+    from train.monitor.detector import load_heads
+    from train.monitor.ledger import Ledger
+
+    _, heads = load_heads(signals)
+    first: dict[str, int] = {}
+    flagged: dict[str, bool] = {}
+    for step in sorted(history):
+        cols = history[step]
+        ids = [str(i) for i in cols["sample_id"]]
+        ledger = Ledger(len(ids), signals, [1.0] * len(signals), policy, heads=heads)
+        mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_mean"], np.float32)) for s in signals], axis=1)
+        count = np.stack([np.asarray(cols[f"{s}_count"], np.float32) for s in signals], axis=1)
+        score, observed = ledger.scores(mean, count)
+        eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
+        on, off = ledger.thresholds()
+        for i, sample_id in enumerate(ids):
+            now = bool(eligible[i] and score[i] >= (off if flagged.get(sample_id) else on))
+            flagged[sample_id] = now
+            if now:
+                first.setdefault(sample_id, step)
+    return {i: first.get(i, -1) for i in flagged}, flagged
+
+
 def read_history(folder: Path, columns: list[str]) -> dict[int, dict]:
     import pyarrow.parquet as pq
 
@@ -88,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--false-alarm", type=float, default=0.05,
                    help="per-snapshot share of clean rows a signal may alert on (per-signal lead times)")
+    p.add_argument("--replay-margins", type=float, nargs="*", default=[],
+                   help="replay the flags on the ledger snapshots with these flag margins (monitor.flag.margin)")
     a = p.parse_args(argv)
     run = Path(a.run)
     for name in ("ledger.parquet", ONSET_FILE):
@@ -119,8 +150,58 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {signal.removesuffix('_mean')} | {group} | {r['copied']} | "
                              f"{fmt(r['flagged_before_onset'], True)} | {fmt(r['median_lead_steps'])} | "
                              f"{fmt(r['false_flag_rate'], True)} |")
+    if a.replay_margins:
+        lines += replay_lines(run, snapshots, a.replay_margins)
     emit_table(lines, a.out)
     return 0
+
+
+def replay_lines(run: Path, snapshots: list[Path], margins: list[float]) -> list[str]:
+    """Per margin: the replayed flags' lead time over the probes, and over every row of each group
+    the share ever flagged, flagged by the end of the first epochs, and flagged at the last snapshot."""
+    import pyarrow.parquet as pq
+    from omegaconf import OmegaConf
+
+    from train.monitor.ledger import FlagPolicy
+
+    if not snapshots:
+        raise SystemExit(f"--replay-margins needs ledger snapshots: train with monitor.history_every=K ({run})")
+    names = [f.name for f in pq.read_schema(snapshots[0])]
+    signals = [c.removesuffix("_count") for c in names if c.endswith("_count")]
+    if not signals:
+        raise SystemExit(f"{snapshots[0]} has no <signal>_count columns (written since the flag margin): re-run")
+    monitor = OmegaConf.load(run / "config.yaml").monitor
+    flag = OmegaConf.to_container(monitor.flag)
+    if monitor.detector != "heads" or flag["policy"] not in ("calibrated", "absolute"):
+        raise SystemExit(f"--replay-margins replays the heads detector with a calibrated or absolute flag policy; "
+                         f"{run} used detector={monitor.detector}, policy={flag['policy']} (its thresholds "
+                         "follow the population, which the snapshots do not keep)")
+    history = read_history(run / "ledger_history", ["sample_id", "group", "observations"]
+                           + [f"{s}_{k}" for s in signals for k in ("mean", "count")])
+    onset = pq.read_table(run / ONSET_FILE).to_pylist()
+    last = history[max(history)]
+    groups = {str(i): g for i, g in zip(last["sample_id"], last["group"])}
+    early = sorted(history)[min(len(history), 6) - 1]  # the first six snapshots
+    lines = ["", f"Flags replayed on the {len(history)} snapshots with the shipped heads, the run's flag policy "
+             f"({flag['policy']}) and a margin of standard errors:", "",
+             "| margin | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
+             "| copies flagged before onset | median lead (steps) | never-copied probes flagged |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for margin in margins:
+        first, now = replay_flags(history, signals, FlagPolicy(**{**flag, "margin": margin}))
+        leads = lead_times(first, onset)
+        for group in sorted(set(groups.values())):
+            ids = [i for i, g in groups.items() if g == group]
+            ever = np.mean([first[i] >= 0 for i in ids])
+            by_early = np.mean([0 <= first[i] <= early for i in ids])
+            at_end = np.mean([now[i] for i in ids])
+            r = leads.get(group, {})
+            before = r.get("flagged_before_onset")
+            lines.append(f"| {margin:g} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | {at_end:.1%} | "
+                         + ("—" if before is None else f"{before:.0%} of {r['copied']}") + " | "
+                         + ("—" if r.get("median_lead_steps") is None else f"{r['median_lead_steps']:.0f}") + " | "
+                         + ("—" if r.get("false_flag_rate") is None else f"{r['false_flag_rate']:.0%}") + " |")
+    return lines
 
 
 if __name__ == "__main__":

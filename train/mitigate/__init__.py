@@ -5,6 +5,7 @@ Order matters where two act on the same thing: de-duplication by caption reuses 
 caption-dropout draw, so it runs before caption perturbation (which leaves empty captions alone).
 """
 
+from train.mitigate.agc import AntiGradientControl
 from train.mitigate.base import BuildContext, Mitigation, Mitigations, MitigationStep
 from train.mitigate.captions import CaptionPerturbation
 from train.mitigate.dedup import Dedup
@@ -15,6 +16,7 @@ REGISTRY: dict[str, type[Mitigation]] = {
     "dedup": Dedup,
     "captions": CaptionPerturbation,
     "weights": FlagWeights,
+    "agc": AntiGradientControl,
     "regularize": AttentionRegularizer,
 }
 

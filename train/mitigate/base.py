@@ -7,10 +7,12 @@ it changes:
     prepare(table)          before training, from the data table -> per-row sampling weights or None
     captions(step, caps)    the captions the batch trains on (before text encoding)
     text_embedding(step, e) the encoded text
-    weights(step)           a loss weight per sample [B] (0 drops it; it stays in the graph)
+    weights(step)           a loss weight per sample [B] (0 drops it; it stays in the graph);
+                            step.loss holds the micro-batch's per-sample loss by then
     loss_map(step, size)    a loss weight per latent position [B, 1, h, w]
     loss_terms(step)        extra scalar loss terms by name (added to the objective)
     metrics()               sums since the last log line: {key: (sum, count)}; reduced over ranks
+    state() / load_state(s) what a mitigation keeps across steps, saved with each checkpoint (JSON)
 
 Adding one: a file with its config dataclass and its class, and a line in ``REGISTRY``
 (train/mitigate/__init__.py); docs/architecture.md walks through an example.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -36,6 +38,8 @@ class MitigationStep:
     flagged: torch.Tensor  # bool, the ledger's flags before this step (all False without a monitor)
     scores: Optional[torch.Tensor]  # the ledger's scores (None without a monitor)
     timesteps: torch.Tensor  # the diffusion timestep drawn for each sample
+    loss: Optional[torch.Tensor] = None  # the per-sample loss, once the forward has run (weights() on)
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # every rank's rows of a tensor, on every rank
 
 
 @dataclass
@@ -48,6 +52,7 @@ class BuildContext:
     caption_dropout: float  # train.caption_dropout: the share of empty-prompt training
     data: DictConfig  # the resolved data section (columns, resolution)
     cache_dir: str
+    num_train_timesteps: int = 1000  # the noise scheduler's
 
 
 class Mitigation(abc.ABC):
@@ -94,6 +99,13 @@ class Mitigation(abc.ABC):
 
     def metrics(self) -> dict[str, tuple[float, float]]:
         return {}
+
+    def state(self) -> dict:
+        """What to keep in the checkpoint (JSON-serializable; the same on every rank); {} = nothing."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
 
 
 def targets(cfg: DictConfig, step: MitigationStep) -> torch.Tensor:
@@ -150,6 +162,15 @@ class Mitigations:
 
     def loss_terms(self, step: MitigationStep) -> dict[str, torch.Tensor]:
         return {name: term for m in self.active for name, term in m.loss_terms(step).items()}
+
+    def state(self) -> dict:
+        """{mitigation name: its state} for the checkpoint (TrainState.extra)."""
+        return {m.name: s for m in self.active if (s := m.state())}
+
+    def load_state(self, state: dict) -> None:
+        for m in self.active:
+            if m.name in state:
+                m.load_state(state[m.name])
 
     def metrics(self, accelerator) -> dict[str, float]:
         """``mitig/`` means over the window, over every rank (a collective: call on all ranks)."""

@@ -24,6 +24,9 @@ class FlagConfig:
     # while it stays at or above probability_off (0.73 / 0.5 = head logits 1 / 0)
     probability: float = bounded(0.73, gt=0.0, lt=1.0)
     probability_off: float = bounded(0.5, gt=0.0, lt=1.0)
+    # every policy: the score less this many standard errors of its estimate (a signal's mean z
+    # over n observations: 1/sqrt(n)), so rows seen a few times need a large lead to be flagged
+    margin: float = bounded(0.0, ge=0.0)
 
 
 @dataclass

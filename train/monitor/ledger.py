@@ -15,6 +15,13 @@ the threshold does not flip every step:
 - ``zscore``: the score's z against all scored samples (population sums kept incrementally),
 - ``quantile``: the top fraction of scored samples (a fixed-bin histogram kept incrementally),
 - ``absolute``: fixed score thresholds.
+
+``margin`` asks for evidence before a flag: the score is a weighted sum of per-signal mean z, and
+each mean over n observations carries a standard error of about 1/sqrt(n) (a z-score has unit
+spread per observation), so the score compared with the thresholds is the combination minus
+``margin`` of its standard errors. A row seen twice needs a large lead over its peers to be
+flagged; a row seen fifty times barely pays (docs/detection.md measures what it does to early
+false flags and to lead time).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class FlagPolicy:
     quantile_off: float = 0.04  # ... and keep them flagged while in the top 4%
     probability: float = 0.73  # calibrated policy: flag at this probability of memorization ...
     probability_off: float = 0.5  # ... and keep the flag while at or above this
+    margin: float = 0.0  # standard errors of the score's estimate subtracted before comparing
 
 
 class Ledger:
@@ -132,6 +140,24 @@ class Ledger:
         std = max(np.sqrt(max(ss / n - mean ** 2, 0.0)), 1e-6)
         return mean + p.raise_at * std, mean + p.clear_at * std
 
+    def scores(self, mean: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(combined score [N], whether any signal that counts was observed [N]) from per-signal mean
+        z [N, S] and observation counts [N, S]: the largest per-kind head, or the weighted mean of the
+        observed signals, less ``margin`` standard errors (each mean's is 1/sqrt(count))."""
+        count = np.asarray(count, np.float32)
+        seen = count > 0
+        mean = np.where(seen, np.asarray(mean, np.float32), 0.0)
+        inverse_count = np.where(seen, 1.0 / np.maximum(count, 1.0), 0.0)  # variance of each mean
+        if self.heads is not None:
+            coef = self.heads[:, 1:]  # [K, S]
+            score = head_scores(self.heads, mean)  # [N, K]
+            se = np.sqrt(inverse_count @ (coef ** 2).T)
+            return (score - self.policy.margin * se).max(axis=1), seen.any(axis=1)
+        w = self.weights[None, :] * seen
+        total = np.maximum(w.sum(1), 1e-12)
+        se = np.sqrt((w ** 2 * inverse_count).sum(1)) / total
+        return (w * mean).sum(1) / total - self.policy.margin * se, w.sum(1) > 0
+
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
         slots, keep = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
@@ -147,14 +173,8 @@ class Ledger:
         self.sig_mean[slots] = mean.astype(np.float16)
         self.sig_max[slots] = np.where(seen, np.maximum(self.sig_max[slots].astype(np.float32), np.nan_to_num(z)),
                                        self.sig_max[slots]).astype(np.float16)
-        # combined score: the largest per-kind head, or the weighted mean of the observed signals
-        w = self.weights[None, :] * (count > 0)
-        if self.heads is not None:
-            score = head_scores(self.heads, np.where(count > 0, mean, 0.0)).max(axis=1)
-            eligible = (self.obs[slots] >= self.policy.min_obs) & (count > 0).any(axis=1)
-        else:
-            score = (w * mean).sum(1) / np.maximum(w.sum(1), 1e-12)
-            eligible = (self.obs[slots] >= self.policy.min_obs) & (w.sum(1) > 0)
+        score, observed = self.scores(mean, count)
+        eligible = (self.obs[slots] >= self.policy.min_obs) & observed
         self.score[slots] = np.where(eligible, score, np.nan)
         self._pop_add(self.score[slots])
         on, off = self.thresholds()
@@ -215,6 +235,7 @@ class Ledger:
             cols[f"{name}_mean"] = self.sig_mean[:n, j].astype(np.float32)
             seen = self.sig_count[:n, j] > 0
             cols[f"{name}_max"] = np.where(seen, self.sig_max[:n, j].astype(np.float32), np.nan)
+            cols[f"{name}_count"] = self.sig_count[:n, j].astype(np.int32)  # observations behind the mean
         cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
                     last_step=self.last_step[:n])
         for key, values in (extra or {}).items():
