@@ -27,7 +27,9 @@ def launch(launch_args: list[str], overrides: list[str], port: int) -> subproces
 def test_ddp_two_ranks_train_in_step_with_one_run_directory(tmp_path, cache_dir):
     run = tmp_path / "ddp"
     launch(["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")],
-           fast_overrides(cache_dir, run, **{"train.max_steps": 4, "train.checkpoint_every": 2}), 29611)
+           fast_overrides(cache_dir, run, **{"train.max_steps": 4, "train.checkpoint_every": 2,
+                                             # a mitigation whose state comes from every rank's losses
+                                             "mitigate.agc.enabled": "true", "mitigate.agc.t_bins": 1}), 29611)
     rows = read_metrics(run)
     losses = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in losses] == [1, 2, 3, 4]  # one writer, one row per step
@@ -36,6 +38,9 @@ def test_ddp_two_ranks_train_in_step_with_one_run_directory(tmp_path, cache_dir)
     assert [r["dist/world_size"] for r in sync] == [2, 2] and all(r["dist/weights_divergence"] == 0.0 for r in sync)
     # the monitor's gather really crossed ranks: the ledger saw both ranks' samples (32 = the whole set)
     assert losses[-1]["memo/observed"] == 32
+    # agc's running loss average was fed by both ranks' samples and saved with the checkpoint
+    state = json.loads((run / "checkpoints" / "checkpoint-4" / "train_state.json").read_text())
+    assert state["extra"]["mitigate"]["agc"]["seen"] == [True] and "mitig/agc_skipped" in losses[-1]
     assert (run / "final" / "model_index.json").is_file()
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("final")) == ["final"]
 
