@@ -113,3 +113,34 @@ def test_the_weighted_score_pays_the_margin_by_its_signals_counts():
     ledger.update(np.array([0]), np.array([[1.0, 2.0]], np.float32), 1)  # a: 2 observations, b: 1
     expected = (1.0 * 1.0 + 3.0 * 2.0) / 4.0 - np.sqrt(1.0 / 2 + 9.0 / 1) / 4.0
     assert ledger.score[0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_recent_flags_a_row_that_turns_late_sooner_than_its_run_mean():
+    # one head on the loss z: a row that looked like its peers for 30 observations, then fits far
+    # too well; its mean over the run needs many more observations to cross than a moving average
+    heads = np.array([[-4.0, 4.0]], np.float32)
+    z = [0.0] * 30 + [3.0] * 30
+    first = {}
+    for recent in (0.0, 0.5):
+        ledger = Ledger(1, ["loss"], [1.0], FlagPolicy(policy="calibrated", min_obs=1, margin=1.0, recent=recent),
+                        heads=heads)
+        for step, value in enumerate(z):
+            ledger.update(np.array([0]), np.array([[value]], np.float32), step)
+        first[recent] = int(ledger.first_flagged_step[0])
+        assert ledger.sig_mean[0, 0] == pytest.approx(1.5, abs=1e-2)  # the mean is kept either way
+    assert 30 <= first[0.5] <= 33 and first[0.0] > 45
+    # moving average after k observations of 3 from 0: 3 (1 - 0.5^k); its standard error ~ sqrt(1/3)
+    assert ledger.sig_recent[0, 0] == pytest.approx(3.0, abs=1e-2)
+    assert "loss_recent" in ledger.table().column_names
+
+
+def test_a_ledger_saved_without_moving_averages_is_not_resumed_with_them():
+    plain = Ledger(2, ["loss"], [1.0], FlagPolicy(min_obs=1))
+    plain.update(np.array([0, 1]), np.ones((2, 1), np.float32), 0)
+    recent = Ledger(2, ["loss"], [1.0], FlagPolicy(min_obs=1, recent=0.5))
+    with pytest.raises(ValueError, match="monitor.flag.recent"):
+        recent.load_tensors(plain.state_tensors())
+    again = Ledger(2, ["loss"], [1.0], FlagPolicy(min_obs=1, recent=0.5))
+    recent.update(np.array([0]), np.full((1, 1), 2.0, np.float32), 0)
+    again.load_tensors(recent.state_tensors())
+    np.testing.assert_array_equal(again.sig_recent, recent.sig_recent)

@@ -94,16 +94,18 @@ def test_a_signal_alerts_when_it_beats_the_clean_rows_at_a_snapshot():
     assert first["p"] == 20 and first["c4"] == 10 and first["c1"] == -1
 
 
-def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update():
+@pytest.mark.parametrize("recent", [0.0, 0.5])
+def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(recent):
     # a ledger with the shipped heads, snapshotted after every update, replayed with its own policy:
-    # the same first flags; replayed with a margin, fewer and later ones
+    # the same first flags; replayed with a margin, fewer and later ones (flags on the running means,
+    # or on moving averages)
     signals = ["loss", "token_entropy"]
     _, heads = load_heads(signals)
     rng = np.random.default_rng(0)
     n = 60
     groups = ["global"] * 10 + ["clean"] * 50
     ids = [f"r{i}" for i in range(n)]
-    policy = FlagPolicy(policy="calibrated", min_obs=2)
+    policy = FlagPolicy(policy="calibrated", min_obs=2, recent=recent)
     ledger = Ledger(n, signals, [1.0, 1.0], policy, heads=heads)
     history = {}
     for step in range(12):
@@ -115,6 +117,6 @@ def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update():
     first, now = replay_flags(history, signals, policy)
     assert first == {i: int(s) for i, s in zip(ids, ledger.first_flagged_step)}
     assert [now[i] for i in ids] == ledger.flagged.tolist() and any(now.values())
-    strict, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2, margin=2.0))
+    strict, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2, margin=2.0, recent=recent))
     assert sum(s >= 0 for s in strict.values()) < sum(s >= 0 for s in first.values())
     assert all(strict[i] < 0 or strict[i] >= first[i] >= 0 for i in ids)

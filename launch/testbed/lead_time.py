@@ -78,6 +78,7 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy) -> tuple[
     ``margin``), replayed on its ledger snapshots with the shipped heads: each snapshot's per-signal
     means and counts re-scored, hysteresis carried from one snapshot to the next. A flag that rose
     and fell between two snapshots is missed, so snapshots at most an epoch apart see every update.
+    A run whose flags read moving averages (``monitor.flag.recent``) is replayed on those columns.
     Returns (sample id -> first flagged snapshot step, -1 = never; sample id -> flagged at the last)."""
     from train.monitor.detector import load_heads
     from train.monitor.ledger import Ledger
@@ -89,7 +90,8 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy) -> tuple[
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
         ledger = Ledger(len(ids), signals, [1.0] * len(signals), policy, heads=heads)
-        mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_mean"], np.float32)) for s in signals], axis=1)
+        kept = "recent" if policy.recent > 0 else "mean"  # what the run's flags read (monitor.flag.recent)
+        mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_{kept}"], np.float32)) for s in signals], axis=1)
         count = np.stack([np.asarray(cols[f"{s}_count"], np.float32) for s in signals], axis=1)
         score, observed = ledger.scores(mean, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
@@ -176,8 +178,9 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float]) -> list
         raise SystemExit(f"--replay-margins replays the heads detector with a calibrated or absolute flag policy; "
                          f"{run} used detector={monitor.detector}, policy={flag['policy']} (its thresholds "
                          "follow the population, which the snapshots do not keep)")
+    kept = "recent" if flag.get("recent", 0) > 0 else "mean"
     history = read_history(run / "ledger_history", ["sample_id", "group", "observations"]
-                           + [f"{s}_{k}" for s in signals for k in ("mean", "count")])
+                           + [f"{s}_{k}" for s in signals for k in (kept, "count")])
     onset = pq.read_table(run / ONSET_FILE).to_pylist()
     last = history[max(history)]
     groups = {str(i): g for i, g in zip(last["sample_id"], last["group"])}

@@ -27,6 +27,9 @@ class FlagConfig:
     # every policy: the score less this many standard errors of its estimate (a signal's mean z
     # over n observations: 1/sqrt(n)), so rows seen a few times need a large lead to be flagged
     margin: float = bounded(0.0, ge=0.0)
+    # > 0: the flags read a moving average of each row's z (this decay per observation) instead of
+    # its mean over the run, so a row that turns now is not held back by its earlier epochs
+    recent: float = bounded(0.0, ge=0.0, lt=1.0)
 
 
 @dataclass

@@ -22,6 +22,12 @@ spread per observation), so the score compared with the thresholds is the combin
 ``margin`` of its standard errors. A row seen twice needs a large lead over its peers to be
 flagged; a row seen fifty times barely pays (docs/detection.md measures what it does to early
 false flags and to lead time).
+
+``recent`` scores the flags on a moving average of each row's z instead of its mean over the whole
+run (decay ``recent`` per observation, started at 0, the population's average): a row whose
+signals turn now is not held back by the epochs in which it looked like its peers. Its standard
+error is the moving average's own, sqrt((1 - d) / (1 + d) * (1 - d^(2n))). The means stay in the
+ledger for reports; the moving average costs 2 bytes per row and signal, kept only when used.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class FlagPolicy:
     probability: float = 0.73  # calibrated policy: flag at this probability of memorization ...
     probability_off: float = 0.5  # ... and keep the flag while at or above this
     margin: float = 0.0  # standard errors of the score's estimate subtracted before comparing
+    recent: float = 0.0  # > 0: flags read a moving average of z with this decay per observation
 
 
 class Ledger:
@@ -68,6 +75,9 @@ class Ledger:
         self.sig_count = np.zeros((capacity, S), np.uint16)
         self.sig_mean = np.zeros((capacity, S), np.float16)
         self.sig_max = np.full((capacity, S), -np.inf, np.float16)
+        self.arrays = self.ARRAYS + (("sig_recent",) if policy.recent > 0 else ())
+        if policy.recent > 0:
+            self.sig_recent = np.zeros((capacity, S), np.float16)
         self.score = np.full(capacity, np.nan, np.float32)
         self.flagged = np.zeros(capacity, bool)
         self.first_flagged_step = np.full(capacity, -1, np.int32)
@@ -91,7 +101,9 @@ class Ledger:
         return out
 
     def _grow(self, capacity: int) -> None:
-        for name in ("obs", "last_step", "sig_count", "sig_mean", "sig_max", "score", "flagged", "first_flagged_step"):
+        for name in self.arrays:
+            if name in ("pop", "hist"):
+                continue
             old = getattr(self, name)
             fill = {"last_step": -1, "sig_max": -np.inf, "score": np.nan, "first_flagged_step": -1}.get(name, 0)
             new = np.full((capacity,) + old.shape[1:], fill, old.dtype)
@@ -141,13 +153,16 @@ class Ledger:
         return mean + p.raise_at * std, mean + p.clear_at * std
 
     def scores(self, mean: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(combined score [N], whether any signal that counts was observed [N]) from per-signal mean
-        z [N, S] and observation counts [N, S]: the largest per-kind head, or the weighted mean of the
-        observed signals, less ``margin`` standard errors (each mean's is 1/sqrt(count))."""
+        """(combined score [N], whether any signal that counts was observed [N]) from per-signal z
+        [N, S] (the means, or the moving averages with ``recent``) and observation counts [N, S]: the
+        largest per-kind head, or the weighted mean of the observed signals, less ``margin`` standard
+        errors (a mean's is 1/sqrt(count); a moving average's is in the module docstring)."""
         count = np.asarray(count, np.float32)
         seen = count > 0
         mean = np.where(seen, np.asarray(mean, np.float32), 0.0)
-        inverse_count = np.where(seen, 1.0 / np.maximum(count, 1.0), 0.0)  # variance of each mean
+        d = self.policy.recent
+        variance = (1 - d) / (1 + d) * (1 - d ** (2 * count)) if d > 0 else 1.0 / np.maximum(count, 1.0)
+        inverse_count = np.where(seen, variance, 0.0)  # variance of each signal's estimate under no row effect
         if self.heads is not None:
             coef = self.heads[:, 1:]  # [K, S]
             score = head_scores(self.heads, mean)  # [N, K]
@@ -173,7 +188,14 @@ class Ledger:
         self.sig_mean[slots] = mean.astype(np.float16)
         self.sig_max[slots] = np.where(seen, np.maximum(self.sig_max[slots].astype(np.float32), np.nan_to_num(z)),
                                        self.sig_max[slots]).astype(np.float16)
-        score, observed = self.scores(mean, count)
+        if self.policy.recent > 0:  # the flags read the moving average (started at 0)
+            d = self.policy.recent
+            recent = self.sig_recent[slots].astype(np.float32)
+            recent = np.where(seen, d * recent + (1 - d) * np.nan_to_num(z), recent)
+            self.sig_recent[slots] = recent.astype(np.float16)
+            score, observed = self.scores(recent, count)
+        else:
+            score, observed = self.scores(mean, count)
         eligible = (self.obs[slots] >= self.policy.min_obs) & observed
         self.score[slots] = np.where(eligible, score, np.nan)
         self._pop_add(self.score[slots])
@@ -192,7 +214,7 @@ class Ledger:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name in self.ARRAYS:
+        for name in self.arrays:
             array = getattr(self, name)
             if array.dtype == bool:
                 array = array.astype(np.uint8)
@@ -212,7 +234,10 @@ class Ledger:
         if not self.streaming and tensors["obs"].shape[0] != self.capacity:
             raise ValueError(f"the checkpoint's ledger holds {tensors['obs'].shape[0]} samples, the data "
                              f"set now has {self.capacity}: resume with the same data")
-        for name in self.ARRAYS:
+        if ("sig_recent" in tensors) != ("sig_recent" in self.arrays):
+            raise ValueError("the checkpoint's ledger was kept with a different monitor.flag.recent (0 or not): "
+                             "resume with the flag settings it was trained with")
+        for name in self.arrays:
             array = tensors[name].numpy()
             setattr(self, name, array.astype(getattr(self, name).dtype))
         self.capacity = len(self.obs)
@@ -236,6 +261,8 @@ class Ledger:
             seen = self.sig_count[:n, j] > 0
             cols[f"{name}_max"] = np.where(seen, self.sig_max[:n, j].astype(np.float32), np.nan)
             cols[f"{name}_count"] = self.sig_count[:n, j].astype(np.int32)  # observations behind the mean
+            if self.policy.recent > 0:
+                cols[f"{name}_recent"] = np.where(seen, self.sig_recent[:n, j].astype(np.float32), np.nan)
         cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
                     last_step=self.last_step[:n])
         for key, values in (extra or {}).items():
