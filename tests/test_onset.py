@@ -41,9 +41,10 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     table = (tmp_path / "lead.md").read_text()
     assert "| loss | global |" in table and "| score | clean |" in table
     # the flags replayed on the snapshots under another margin (the run flags by the heads' probability)
-    lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2"])
+    lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2",
+                    "--replay-recent", "0", "0.8"])
     replay = (tmp_path / "replay.md").read_text()
-    assert "| 0 | global | 6 |" in replay and "| 2 | clean | 8 |" in replay
+    assert "| 0 | 0 | global | 6 |" in replay and "| 0.8 | 2 | clean | 8 |" in replay
     # an empty snapshot folder: the flags' table alone, no crash
     for snapshot in (run / "ledger_history").iterdir():
         snapshot.unlink()
@@ -114,9 +115,13 @@ def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(re
         z[rng.random((n, 2)) < 0.3] = np.nan  # not every signal is read on every sighting
         ledger.update(np.arange(n), z, step)
         history[step] = ledger.table(sample_ids=ids, extra={"group": groups}).to_pydict()
-    first, now = replay_flags(history, signals, policy)
+    first, now = replay_flags(history, signals, policy, run_recent=recent)
     assert first == {i: int(s) for i, s in zip(ids, ledger.first_flagged_step)}
     assert [now[i] for i in ids] == ledger.flagged.tolist() and any(now.values())
-    strict, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2, margin=2.0, recent=recent))
+    if recent:  # the moving averages rebuilt from the means (what a run kept without them allows)
+        rebuilt, _ = replay_flags(history, signals, policy)
+        assert sum(rebuilt[i] == first[i] for i in ids) >= 0.95 * n
+    strict, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2, margin=2.0, recent=recent),
+                             run_recent=recent)
     assert sum(s >= 0 for s in strict.values()) < sum(s >= 0 for s in first.values())
     assert all(strict[i] < 0 or strict[i] >= first[i] >= 0 for i in ids)

@@ -73,27 +73,48 @@ def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> di
     return {str(i): first.get(str(i), -1) for step in history for i in history[step]["sample_id"]}
 
 
-def replay_flags(history: dict[int, dict], signals: list[str], policy) -> tuple[dict[str, int], dict[str, bool]]:
-    """The flags a run would have raised under another ``policy`` (a :class:`FlagPolicy`, e.g. another
-    ``margin``), replayed on its ledger snapshots with the shipped heads: each snapshot's per-signal
-    means and counts re-scored, hysteresis carried from one snapshot to the next. A flag that rose
-    and fell between two snapshots is missed, so snapshots at most an epoch apart see every update.
-    A run whose flags read moving averages (``monitor.flag.recent``) is replayed on those columns.
+def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recent: float = 0.0
+                 ) -> tuple[dict[str, int], dict[str, bool]]:
+    """The flags a run would have raised under another ``policy`` (a :class:`FlagPolicy`: another
+    ``margin`` or ``recent``), replayed on its ledger snapshots with the shipped heads: each
+    snapshot's per-signal z re-scored, hysteresis carried from one snapshot to the next. A flag that
+    rose and fell between two snapshots is missed, so snapshots at most an epoch apart see every update.
+
+    The flags read the means, or with ``policy.recent`` the moving averages: the snapshots' own
+    ``<signal>_recent`` columns when the run kept them with that decay (``run_recent``), otherwise
+    rebuilt from the change of each mean between snapshots (the new observations' mean folded in
+    with weight 1 - recent^k for k new observations: exact for one new observation per snapshot,
+    which snapshots an epoch or less apart give nearly always; the means are half precision).
     Returns (sample id -> first flagged snapshot step, -1 = never; sample id -> flagged at the last)."""
     from train.monitor.detector import load_heads
     from train.monitor.ledger import Ledger
 
     _, heads = load_heads(signals)
+    d = policy.recent
+    own = d > 0 and d == run_recent
     first: dict[str, int] = {}
     flagged: dict[str, bool] = {}
+    before_sum = before_count = recent = None
     for step in sorted(history):
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
         ledger = Ledger(len(ids), signals, [1.0] * len(signals), policy, heads=heads)
-        kept = "recent" if policy.recent > 0 else "mean"  # what the run's flags read (monitor.flag.recent)
-        mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_{kept}"], np.float32)) for s in signals], axis=1)
-        count = np.stack([np.asarray(cols[f"{s}_count"], np.float32) for s in signals], axis=1)
-        score, observed = ledger.scores(mean, count)
+        count = np.stack([np.asarray(cols[f"{s}_count"], np.float64) for s in signals], axis=1)
+        if own:
+            z = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_recent"], np.float64)) for s in signals], axis=1)
+        else:
+            mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_mean"], np.float64)) for s in signals], axis=1)
+            z = mean
+            if d > 0:  # rebuild the moving averages from the means
+                total = mean * count
+                if recent is None:
+                    before_sum, before_count, recent = np.zeros_like(total), np.zeros_like(count), np.zeros_like(total)
+                new = count - before_count
+                keep = d ** new
+                recent = np.where(new > 0, keep * recent + (1 - keep) * (total - before_sum) / np.maximum(new, 1),
+                                  recent)
+                before_sum, before_count, z = total, count, recent
+        score, observed = ledger.scores(z, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
         on, off = ledger.thresholds()
         for i, sample_id in enumerate(ids):
@@ -120,9 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--false-alarm", type=float, default=0.05,
                    help="per-snapshot share of clean rows a signal may alert on (per-signal lead times)")
     p.add_argument("--replay-margins", type=float, nargs="*", default=[],
-                   help="replay the flags on the ledger snapshots with these flag margins (monitor.flag.margin)")
+                   help="replay the flags on the ledger snapshots with these margins (monitor.flag.margin)")
+    p.add_argument("--replay-recent", type=float, nargs="*", default=[],
+                   help="... and these moving-average decays (monitor.flag.recent; 0 = the run mean); "
+                        "without onset.parquet only the flag rates are reported")
     a = p.parse_args(argv)
     run = Path(a.run)
+    replay = bool(a.replay_margins or a.replay_recent)
+    snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
+    if replay and not (run / ONSET_FILE).is_file():
+        emit_table(replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0]), a.out)
+        return 0
     for name in ("ledger.parquet", ONSET_FILE):
         if not (run / name).is_file():
             raise SystemExit(f"{run / name} is missing" + (" (train with eval.onset=true and eval.every=K)"
@@ -137,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {group} | {r['probed']} | {r['copied']} | {fmt(r['flagged_before_onset'], True)} | "
                      f"{fmt(r['median_lead_steps'])} | {fmt(r['median_onset_step'])} | {r['never_copied']} | "
                      f"{fmt(r['false_flag_rate'], True)} |")
-    snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
     if snapshots:  # each signal's own lead time, at one false-alarm rate
         onset = pq.read_table(run / ONSET_FILE).to_pylist()
         names = [f.name for f in pq.read_schema(snapshots[0])]
@@ -152,22 +180,22 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {signal.removesuffix('_mean')} | {group} | {r['copied']} | "
                              f"{fmt(r['flagged_before_onset'], True)} | {fmt(r['median_lead_steps'])} | "
                              f"{fmt(r['false_flag_rate'], True)} |")
-    if a.replay_margins:
-        lines += replay_lines(run, snapshots, a.replay_margins)
+    if replay:
+        lines += replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0])
     emit_table(lines, a.out)
     return 0
 
 
-def replay_lines(run: Path, snapshots: list[Path], margins: list[float]) -> list[str]:
-    """Per margin: the replayed flags' lead time over the probes, and over every row of each group
-    the share ever flagged, flagged by the end of the first epochs, and flagged at the last snapshot."""
+def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays: list[float]) -> list[str]:
+    """Per moving-average decay and margin: over every row of each group the share ever flagged,
+    flagged by the sixth snapshot and flagged at the last; with onset.parquet, the lead time too."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
     from train.monitor.ledger import FlagPolicy
 
     if not snapshots:
-        raise SystemExit(f"--replay-margins needs ledger snapshots: train with monitor.history_every=K ({run})")
+        raise SystemExit(f"replaying flags needs ledger snapshots: train with monitor.history_every=K ({run})")
     names = [f.name for f in pq.read_schema(snapshots[0])]
     signals = [c.removesuffix("_count") for c in names if c.endswith("_count")]
     if not signals:
@@ -175,35 +203,39 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float]) -> list
     monitor = OmegaConf.load(run / "config.yaml").monitor
     flag = OmegaConf.to_container(monitor.flag)
     if monitor.detector != "heads" or flag["policy"] not in ("calibrated", "absolute"):
-        raise SystemExit(f"--replay-margins replays the heads detector with a calibrated or absolute flag policy; "
+        raise SystemExit(f"replaying flags needs the heads detector with a calibrated or absolute flag policy; "
                          f"{run} used detector={monitor.detector}, policy={flag['policy']} (its thresholds "
                          "follow the population, which the snapshots do not keep)")
-    kept = "recent" if flag.get("recent", 0) > 0 else "mean"
-    history = read_history(run / "ledger_history", ["sample_id", "group", "observations"]
-                           + [f"{s}_{k}" for s in signals for k in (kept, "count")])
-    onset = pq.read_table(run / ONSET_FILE).to_pylist()
+    run_recent = float(flag.get("recent", 0.0))
+    columns = [f"{s}_{k}" for s in signals for k in ("mean", "count") + (("recent",) if run_recent > 0 else ())]
+    history = read_history(run / "ledger_history", ["sample_id", "group", "observations"] + columns)
+    onset = pq.read_table(run / ONSET_FILE).to_pylist() if (run / ONSET_FILE).is_file() else []
     last = history[max(history)]
     groups = {str(i): g for i, g in zip(last["sample_id"], last["group"])}
     early = sorted(history)[min(len(history), 6) - 1]  # the first six snapshots
-    lines = ["", f"Flags replayed on the {len(history)} snapshots with the shipped heads, the run's flag policy "
-             f"({flag['policy']}) and a margin of standard errors:", "",
-             "| margin | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
+    lines = ["", f"Flags replayed on the {len(history)} snapshots with the shipped heads and the run's flag policy "
+             f"({flag['policy']}), reading the run mean (recent 0) or a moving average, less a margin of "
+             "standard errors:", "",
+             "| recent | margin | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
              "| copies flagged before onset | median lead (steps) | never-copied probes flagged |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for margin in margins:
-        first, now = replay_flags(history, signals, FlagPolicy(**{**flag, "margin": margin}))
-        leads = lead_times(first, onset)
-        for group in sorted(set(groups.values())):
-            ids = [i for i, g in groups.items() if g == group]
-            ever = np.mean([first[i] >= 0 for i in ids])
-            by_early = np.mean([0 <= first[i] <= early for i in ids])
-            at_end = np.mean([now[i] for i in ids])
-            r = leads.get(group, {})
-            before = r.get("flagged_before_onset")
-            lines.append(f"| {margin:g} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | {at_end:.1%} | "
-                         + ("—" if before is None else f"{before:.0%} of {r['copied']}") + " | "
-                         + ("—" if r.get("median_lead_steps") is None else f"{r['median_lead_steps']:.0f}") + " | "
-                         + ("—" if r.get("false_flag_rate") is None else f"{r['false_flag_rate']:.0%}") + " |")
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for decay in decays:
+        for margin in margins:
+            first, now = replay_flags(history, signals, FlagPolicy(**{**flag, "margin": margin, "recent": decay}),
+                                      run_recent)
+            leads = lead_times(first, onset)
+            for group in sorted(set(groups.values())):
+                ids = [i for i, g in groups.items() if g == group]
+                ever = np.mean([first[i] >= 0 for i in ids])
+                by_early = np.mean([0 <= first[i] <= early for i in ids])
+                at_end = np.mean([now[i] for i in ids])
+                r = leads.get(group, {})
+                before = r.get("flagged_before_onset")
+                lines.append(f"| {decay:g} | {margin:g} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
+                             f"{at_end:.1%} | " + ("—" if before is None else f"{before:.0%} of {r['copied']}")
+                             + " | " + ("—" if r.get("median_lead_steps") is None else f"{r['median_lead_steps']:.0f}")
+                             + " | " + ("—" if r.get("false_flag_rate") is None else f"{r['false_flag_rate']:.0%}")
+                             + " |")
     return lines
 
 
