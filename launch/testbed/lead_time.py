@@ -20,6 +20,11 @@ above the ``1 - --false-alarm`` quantile of the clean rows' at that snapshot (ea
 the same per-snapshot false-alarm rate, so they compare fairly; the heads' score alike); a row's
 alert step is the first snapshot that alerts. Reported per signal and kind as above, with the share
 of never-copied probed clean rows that alerted at some snapshot.
+
+``--replay-margins`` / ``--replay-recent`` replay the flags on those snapshots under other settings
+of ``monitor.flag.margin`` and ``monitor.flag.recent`` (:func:`replay_flags`): per kind, the rows
+flagged at any time, in the first six snapshots and at the end, and with onset probes the lead time;
+a run without onset probes gets the flag rates alone.
 """
 
 from __future__ import annotations
@@ -125,6 +130,10 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
     return {i: first.get(i, -1) for i in flagged}, flagged
 
 
+def fmt(value, pct: bool = False) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%" if pct else f"{value:.0f}"
+
+
 def read_history(folder: Path, columns: list[str]) -> dict[int, dict]:
     import pyarrow.parquet as pq
 
@@ -159,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     ledger_table = pq.read_table(run / "ledger.parquet", columns=["sample_id", "first_flagged_step"]).to_pylist()
     ledger = {str(r["sample_id"]): int(r["first_flagged_step"]) for r in ledger_table}
     result = lead_times(ledger, pq.read_table(run / ONSET_FILE).to_pylist())
-    fmt = lambda v, pct=False: "—" if v is None else f"{100 * v:.0f}%" if pct else f"{v:.0f}"  # noqa: E731
     lines = ["| group | probed | became copies | flagged before onset | median lead (steps) | median onset step "
              "| never copied | false flags |", "|---|---|---|---|---|---|---|---|"]
     for group, r in result.items():
@@ -230,12 +238,10 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
                 by_early = np.mean([0 <= first[i] <= early for i in ids])
                 at_end = np.mean([now[i] for i in ids])
                 r = leads.get(group, {})
-                before = r.get("flagged_before_onset")
+                led = fmt(r.get("flagged_before_onset"), True) + (f" of {r['copied']}" if r.get("copied") else "")
                 lines.append(f"| {decay:g} | {margin:g} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
-                             f"{at_end:.1%} | " + ("—" if before is None else f"{before:.0%} of {r['copied']}")
-                             + " | " + ("—" if r.get("median_lead_steps") is None else f"{r['median_lead_steps']:.0f}")
-                             + " | " + ("—" if r.get("false_flag_rate") is None else f"{r['false_flag_rate']:.0%}")
-                             + " |")
+                             f"{at_end:.1%} | {led} | {fmt(r.get('median_lead_steps'))} | "
+                             f"{fmt(r.get('false_flag_rate'), True)} |")
     return lines
 
 

@@ -161,16 +161,17 @@ class Ledger:
         seen = count > 0
         mean = np.where(seen, np.asarray(mean, np.float32), 0.0)
         d = self.policy.recent
+        # the variance of each signal's estimate when the row is like its peers (unit-spread z)
         variance = (1 - d) / (1 + d) * (1 - d ** (2 * count)) if d > 0 else 1.0 / np.maximum(count, 1.0)
-        inverse_count = np.where(seen, variance, 0.0)  # variance of each signal's estimate under no row effect
+        variance = np.where(seen, variance, 0.0)
         if self.heads is not None:
             coef = self.heads[:, 1:]  # [K, S]
             score = head_scores(self.heads, mean)  # [N, K]
-            se = np.sqrt(inverse_count @ (coef ** 2).T)
+            se = np.sqrt(variance @ (coef ** 2).T)
             return (score - self.policy.margin * se).max(axis=1), seen.any(axis=1)
         w = self.weights[None, :] * seen
         total = np.maximum(w.sum(1), 1e-12)
-        se = np.sqrt((w ** 2 * inverse_count).sum(1)) / total
+        se = np.sqrt((w ** 2 * variance).sum(1)) / total
         return (w * mean).sum(1) / total - self.policy.margin * se, w.sum(1) > 0
 
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
