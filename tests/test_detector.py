@@ -128,7 +128,9 @@ def test_recent_flags_a_row_that_turns_late_sooner_than_its_run_mean():
             ledger.update(np.array([0]), np.array([[value]], np.float32), step)
         first[recent] = int(ledger.first_flagged_step[0])
         assert ledger.sig_mean[0, 0] == pytest.approx(1.5, abs=1e-2)  # the mean is kept either way
-    assert 30 <= first[0.5] <= 33 and first[0.0] > 45
+    # run mean: 3k / (30 + k) - 1 / sqrt(30 + k) >= 1.25 first at the 26th high observation (step 55);
+    # moving average: 3 (1 - 0.5^k) - sqrt(1/3) >= 1.25 at the 2nd (step 31)
+    assert first == {0.0: 55, 0.5: 31}
     # moving average after k observations of 3 from 0: 3 (1 - 0.5^k); its standard error ~ sqrt(1/3)
     assert ledger.sig_recent[0, 0] == pytest.approx(3.0, abs=1e-2)
     assert "loss_recent" in ledger.table().column_names

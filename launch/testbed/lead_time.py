@@ -97,13 +97,14 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
     _, heads = load_heads(signals)
     d = policy.recent
     own = d > 0 and d == run_recent
+    ledger = Ledger(1, signals, [1.0] * len(signals), policy, heads=heads)  # its scores and thresholds only
+    on, off = ledger.thresholds()  # calibrated / absolute: fixed, not read off the population
     first: dict[str, int] = {}
     flagged: dict[str, bool] = {}
     before_sum = before_count = recent = None
     for step in sorted(history):
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
-        ledger = Ledger(len(ids), signals, [1.0] * len(signals), policy, heads=heads)
         count = np.stack([np.asarray(cols[f"{s}_count"], np.float64) for s in signals], axis=1)
         if own:
             z = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_recent"], np.float64)) for s in signals], axis=1)
@@ -121,7 +122,6 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
                 before_sum, before_count, z = total, count, recent
         score, observed = ledger.scores(z, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
-        on, off = ledger.thresholds()
         for i, sample_id in enumerate(ids):
             now = bool(eligible[i] and score[i] >= (off if flagged.get(sample_id) else on))
             flagged[sample_id] = now
