@@ -746,6 +746,7 @@ def summarize(run_dir: Path, cfg=None, **identity) -> dict:
         out["clean_local_replica_rate"] = s.get("clean_local_replica_rate")
         for kind in V6_KINDS:  # testbed v6 only (launch.testbed.evaluate's summary)
             out[f"{kind}_replica_rate"] = s.get(f"{kind}_replica_rate")
+        out["moving_local_anywhere_rate"] = s.get("moving_local_anywhere_rate")
         out["heldout_loss"] = s.get("heldout_loss")
         out["clean_own_rank"] = s.get("clean_own_rank_median")
         out["unprompted_global_rate"] = s.get("unprompted_global_copy_rate")
@@ -782,6 +783,7 @@ TABLE_COLUMNS = [
     ("local_replica_rate", "local replica rate"),
     ("template_replica_rate", "template (card) replica rate"),
     ("moving_local_replica_rate", "moving-stamp replica rate"),
+    ("moving_local_anywhere_rate", "moving stamp at any of its places"),
     ("clean_replica_rate", "clean replica rate"),
     ("localization_iou", "localization IoU"),
     ("quality_kid", "KID (quality, lower better)"),

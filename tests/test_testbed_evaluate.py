@@ -226,6 +226,21 @@ def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     table = (tmp_path / "u.md").read_text().splitlines()
     assert len(table) == 3 and table[2].startswith(f"| `{run}` | 3 |")
 
+    # the end-of-run row probe: every distinct training row once per timestep, the same numbers twice
+    from launch.testbed.row_probe import auc_table, row_statistics
+
+    groups, values = row_statistics(run / "final", root, [20, 500], batch=8)
+    assert len(groups) == len({r["sample_id"] for r in rows}) and {"be_topk@20", "rel_gain@500", "loss@20"} <= set(values)
+    assert all(v.shape == (len(groups),) and np.isfinite(v).all() for v in values.values())
+    again = row_statistics(run / "final", root, [20, 500], batch=5)[1]  # noise is fixed per row, not per batch
+    assert all(np.allclose(v, values[k], rtol=1e-4, atol=1e-6) for k, v in again.items())
+    # a statistic that is the planted indicator separates its kind perfectly; a constant does not
+    marker = np.array([g == "global" for g in groups], dtype=float)
+    table = auc_table(groups, {"marker": marker, "constant": np.zeros(len(groups))})
+    header = table[0].strip("| ").split(" | ")
+    assert header[1:] == ["global", "local"]
+    assert table[2] == "| marker | 1.000 | 0.500 |" and table[3] == "| constant | 0.500 | 0.500 |"
+
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
     from launch.testbed.evaluate import heldout_loss, load_pipeline
 

@@ -121,7 +121,8 @@ def test_bad_v6_knobs_are_refused():
 def test_replica_judgement_on_hand_made_generations(builds):
     """A transformed copy (or the untransformed source) of a near-duplicate group is a replica of it;
     an image that shares only the card is a local replica, not a global one; any image of a shared
-    caption counts; a moving stamp pasted on another picture is a local replica at its own place."""
+    caption counts; a moving stamp pasted on another picture is a local replica at its own place, and
+    at another image's place it is not, but still counts as the stamp drawn anywhere."""
     from launch.testbed.evaluate import score, select_prompts
     from launch.testbed.reading import load_image
 
@@ -131,6 +132,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
     by_group = lambda group: [r for r in rows if r["group"] == group]  # noqa: E731
     first, fresh = {}, []
     cases = []  # (prompt index, image, expected replica, expected local replica)
+    anywhere = {}  # case index: expected stamp_anywhere (moving stamps drawn where any image of the group has it)
     for p, prompt in enumerate(prompts):
         if prompt.role == "calibration":
             cases.append((p, load_image(root, prompt.file_name), None, None))
@@ -155,9 +157,19 @@ def test_replica_judgement_on_hand_made_generations(builds):
             region = mask(root, own["mask_file"])
             pasted = load_image(root, by_group("clean")[0]["file_name"]).copy()
             pasted[region] = load_image(root, own["file_name"])[region]
+            anywhere[len(cases)] = True
             cases.append((p, pasted, False, True))
             # its own picture without the stamp: a whole-image copy of the row, never a local one
+            anywhere[len(cases)] = False
             cases.append((p, load_image(root, own["original_file"]), True, False))
+            # the stamp where another image of the group carries it: not at its own place, but copied
+            elsewhere = next(r for r in by_group("moving_local") if r["local_group"] == own["local_group"]
+                             and not (mask(root, r["mask_file"]) & region).any())
+            moved = load_image(root, by_group("clean")[1]["file_name"]).copy()
+            other_region = mask(root, elsewhere["mask_file"])
+            moved[other_region] = load_image(root, elsewhere["file_name"])[other_region]
+            anywhere[len(cases)] = True
+            cases.append((p, moved, False, False))
         elif prompt.group == "clean":
             cases.append((p, np.random.default_rng(p).uniform(size=load_image(root, prompt.file_name).shape), False, False))
     # one generation per (case): every case gets its own prompt slot
@@ -171,6 +183,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
         assert (gen["replica"], gen["local_replica"]) == (replica, local), (gen["group"], gen["sample_id"])
         checked += 1
     assert checked >= 12 and {"near_global", "template", "caption_dup", "moving_local"} <= set(result["groups"])
+    assert len(anywhere) >= 6 and all(result["generations"][i]["stamp_anywhere"] == want for i, want in anywhere.items())
     # the fresh crops: the aligned search finds the picture far closer than any training row is
     for i in fresh:
         gen = result["generations"][i]

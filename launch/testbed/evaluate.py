@@ -30,6 +30,8 @@
      moving_local generations are judged like local ones on their own image's card / stamp mask
      (a card's threshold per card, a moving stamp's per image, as each sits elsewhere); clean
      generations are checked against every card too (the chance baseline of the template rate);
+     a moving_local generation is also checked for its stamp at the place of any image of its
+     group (``stamp_anywhere``: a watermark copied elsewhere), with its own calibrated bar;
    * prompt fidelity = :func:`own_rank`: the share of clean training images closer to a clean
      (or held-out) prompt's generation than the prompt's own image (0 = own nearest, ~0.5 = the
      prompt is ignored; ``other_rank_*`` scores against the next prompt's image as a baseline);
@@ -59,8 +61,8 @@ import numpy as np
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.evaluate.measures import (aligned_nearest, calibrate_threshold, image_kid, masked_distance, nearest,
                                    own_rank, pixel_distance, replica_flags)
-from launch.testbed.reading import (heldout_images, load_image, load_mask, read_manifest, read_rows, stamps as stamps_of,
-                                  training_images)
+from launch.testbed.reading import (heldout_images, load_image, load_mask, placements, read_manifest, read_rows,
+                                  stamps as stamps_of, training_images)
 
 # the scored groups (v5's, then v6's where the testbed has them); held-out prompts only calibrate
 GROUP_ORDER = ("global", "near_global", "caption_dup", "local", "template", "moving_local", "clean")
@@ -299,6 +301,24 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
             for g, (img, mask) in cards.items():
                 clean_card[p, :, g] = (masked_distance(images[p], img, mask) < card_threshold[g]) & ~replica[p]
 
+    # Moving stamps, judged a second way: the stamp drawn where ANY image of its group carries it
+    # (a watermark copied to another place is still copied); the bar is the same quantile of how
+    # close held-out generations come under the same search, and clean generations give its chance rate.
+    places = placements(root) if (group == "moving_local").any() else {}
+
+    def anywhere(gen: np.ndarray, g: int) -> np.ndarray:
+        return np.min([masked_distance(gen, image, mask) for image, mask in places[g]], axis=0)
+
+    anywhere_threshold = {g: calibrate_threshold(anywhere(cal_images, g), quantile) for g in places}
+    stamp_anywhere = np.zeros((P, S), dtype=bool)
+    clean_anywhere = np.zeros((P, S, max(len(places), 1)), dtype=bool)
+    for p, prompt in enumerate(prompts):
+        if prompt.group == "moving_local":
+            stamp_anywhere[p] = (anywhere(images[p], prompt.local_group) < anywhere_threshold[prompt.local_group]) & ~replica[p]
+        elif prompt.group == "clean":
+            for k, g in enumerate(places):
+                clean_anywhere[p, :, k] = (anywhere(images[p], g) < anywhere_threshold[g]) & ~replica[p]
+
     # Prompt fidelity: how many clean training images are closer to a generation than its own
     # image (clean prompts: trained; held-out prompts: never trained). The baseline scores each
     # generation against the next prompt's image instead: what a generation that ignores its
@@ -326,6 +346,11 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                        other_in_top1pct_rate=_rate(baseline[mask] < 0.01))
         if name == "near_global":
             out.update(aligned_distance_median=float(np.median(aligned_distance[mask])) if mask.any() else None)
+        if name == "moving_local":
+            out.update(stamp_anywhere_rate=_rate(stamp_anywhere[mask]),
+                       stamp_anywhere_rate_any_seed=_rate(stamp_anywhere[mask].any(axis=1)))
+        if name == "clean" and places:  # the chance baseline of the moving stamps' anywhere rate
+            out.update(moving_stamp_anywhere_rate=_rate(clean_anywhere[mask].mean(axis=2)))
         if name in REGION_KINDS:
             out.update(local_replica_rate=_rate(local_replica[mask]),
                        local_replica_rate_any_seed=_rate(local_replica[mask].any(axis=1)),
@@ -369,11 +394,14 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                 "own_rank": None if np.isnan(fidelity[p, k]) else float(fidelity[p, k]),
                 "region_distance": None if np.isnan(region_distance[p, k]) else float(region_distance[p, k]),
                 "local_replica": bool(local_replica[p, k]),
+                "stamp_anywhere": bool(stamp_anywhere[p, k]),
             })
     return {
         "thresholds": {"quantile": quantile, "replica": threshold, "near_global_aligned": aligned_threshold,
                        "region": {str(g): t for g, t in sorted(region_threshold.items())},
-                       **({"card": {str(g): t for g, t in sorted(card_threshold.items())}} if cards else {})},
+                       **({"card": {str(g): t for g, t in sorted(card_threshold.items())}} if cards else {}),
+                       **({"moving_anywhere": {str(g): t for g, t in sorted(anywhere_threshold.items())}}
+                          if places else {})},
         "groups": groups, "quality": quality,
         "prompts": [asdict(p) for p in prompts], "generations": per_generation,
     }
@@ -532,6 +560,8 @@ def evaluate(model: str | Path, testbed: str | Path | None, out: str | Path, see
     for kind in ("near_global", "caption_dup", "template", "moving_local"):
         if kind in g:
             summary[f"{kind}_replica_rate"] = g[kind]["local_replica_rate" if kind in REGION_KINDS else "replica_rate"]
+    if "moving_local" in g:
+        summary["moving_local_anywhere_rate"] = g["moving_local"]["stamp_anywhere_rate"]
     result = {"summary": summary, "model": str(model), "testbed": str(root),
               "settings": {"seeds": seeds, "steps": steps, "guidance": guidance, "scheduler": f"DDIM ({spacing})",
                            "local_per_group": local_per_group, "n_clean": n_clean,

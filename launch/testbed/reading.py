@@ -54,6 +54,14 @@ def stamps(root: str | Path, group: str = "local") -> dict[int, tuple[np.ndarray
     return out
 
 
+def placements(root: str | Path, group: str = "moving_local") -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Every (image, mask) of each sub-group: where the v6 moving stamps sit, one place per image."""
+    out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for row in read_rows(root, split="train", group=group):
+        out.setdefault(row["local_group"], []).append((load_image(root, row["file_name"]), load_mask(root, row)))
+    return out
+
+
 @dataclass
 class TrainingImages:
     """Each distinct training image once (global copies collapsed), for nearest-neighbour search."""
