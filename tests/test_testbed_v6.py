@@ -94,6 +94,23 @@ def test_moving_stamps_move_and_their_masks_are_exact(builds):
             assert not region[outside_box].any()
 
 
+def test_anchored_moving_stamps_sit_near_their_corners_and_vary():
+    """moving_anchors=2: every box within the jitter of the top-left or the bottom-right corner,
+    both corners used, sizes and places still varied; 0 keeps the placement of every earlier build."""
+    from data.testbed.kinds import moving_placement
+
+    res, reach = 32, int(0.15 * 32)
+    boxes = [moving_placement(res, (0.3, 0.5), 0.6, np.random.default_rng(i), anchors=2) for i in range(200)]
+    top_left = [b.x0 <= reach and b.y0 <= reach for b in boxes]
+    bottom_right = [res - (b.x0 + b.size) <= reach and res - (b.y0 + b.size) <= reach for b in boxes]
+    assert all(a or b for a, b in zip(top_left, bottom_right)) and 40 < sum(top_left) < 160
+    assert len({(b.x0, b.y0, b.size) for b in boxes}) > 50
+    anywhere = moving_placement(res, (0.3, 0.5), 0.6, np.random.default_rng(7))
+    assert anywhere == moving_placement(res, (0.3, 0.5), 0.6, np.random.default_rng(7), anchors=0)
+    with pytest.raises(ValueError, match="moving_anchors"):
+        TestbedParams.create(n_moving_groups=1, moving_anchors=5)
+
+
 def test_caption_dup_rows_share_one_caption_and_no_pixels(builds):
     root = builds["a"]
     dup = [r for r in rows_of(root) if r["group"] == "caption_dup"]

@@ -39,6 +39,7 @@ HELP = {
     "n_moving_groups": "v6: stamps placed at varied position, scale and opacity", "moving_per_group": "v6: images per stamp",
     "moving_scale_min": "v6: smallest stamp side / image side", "moving_scale_max": "v6: largest stamp side / image side",
     "moving_min_opacity": "v6: lowest stamp opacity",
+    "moving_anchors": "v6: 0 = moving stamps anywhere; k = near one of k corners, jittered",
 }
 
 CHOICES = {"stamp": ("auto", "emoji", "shape"), "stamp_corner": ("cycle", "br", "tl", "tr", "bl")}

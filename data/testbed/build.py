@@ -111,6 +111,7 @@ class TestbedParams:
     moving_scale_min: float = 0.3  # stamp side / image side, drawn per image in [min, max]
     moving_scale_max: float = 0.5
     moving_min_opacity: float = 0.6
+    moving_anchors: int = 0        # 0: anywhere; k (1-4): near one of k corners, jittered (kinds.ANCHORS)
 
     @classmethod
     def create(cls, resolution: int = 32, seed: int = 0, source: str = "openmoji", **knobs: Any) -> "TestbedParams":
@@ -166,6 +167,7 @@ class TestbedParams:
         check(0 < self.moving_scale_min <= self.moving_scale_max <= 1,
               "need 0 < moving_scale_min <= moving_scale_max <= 1")
         check(0 < self.moving_min_opacity <= 1, "moving_min_opacity must be in (0, 1]")
+        check(0 <= self.moving_anchors <= 4, "moving_anchors must be 0 (anywhere) to 4 (corners)")
         check(self.n_caption_dup <= len(CAPTION_DUP_WORDS), f"at most {len(CAPTION_DUP_WORDS)} caption_dup groups")
 
     def recorded(self) -> dict:
@@ -540,7 +542,7 @@ def _write_v6_image(root: Path, im: _Image, params: TestbedParams, source: Sourc
     elif im.group == "moving_local":
         original = _on_background(im.rgba, (255, 255, 255))
         where = moving_placement(res, (params.moving_scale_min, params.moving_scale_max), params.moving_min_opacity,
-                                 _rng(params.seed, f"{stem}-placement"))
+                                 _rng(params.seed, f"{stem}-placement"), params.moving_anchors)
         stamp = moving_stamps[im.local_group].redraw(where.size)
         stamped, mask = paste_stamp(original, stamp.rgb, stamp.footprint, where)
         row.update(mask_file=f"masks/{stem}.png", original_file=f"originals/{stem}.png",

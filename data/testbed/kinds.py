@@ -162,12 +162,25 @@ class Placement:
     opacity: float
 
 
+# corners a stamp with anchors is drawn near, in the order anchors take them: top-left, bottom-right,
+# top-right, bottom-left (as (x, y) with 0 = the low edge, 1 = the high edge)
+ANCHORS = ((0, 0), (1, 1), (1, 0), (0, 1))
+
+
 def moving_placement(resolution: int, scale: tuple[float, float], min_opacity: float,
-                     rng: np.random.Generator) -> Placement:
-    """A random box inside the image (side ``scale`` x resolution) and an opacity in [min, 1]."""
+                     rng: np.random.Generator, anchors: int = 0, jitter: float = 0.15) -> Placement:
+    """A box of side ``scale`` x resolution and an opacity in [min, 1]. ``anchors`` = 0: anywhere
+    inside the image; k > 0: in one of the first k corners of ANCHORS (drawn per image), moved
+    inward by up to ``jitter`` x resolution on each axis (a watermark's usual places, never one tile)."""
     size = int(round(float(rng.uniform(*scale)) * resolution))
     size = min(max(size, 4), resolution)
-    x0, y0 = (int(v) for v in rng.integers(0, resolution - size + 1, size=2))
+    if anchors:
+        ax, ay = ANCHORS[int(rng.integers(0, anchors))]
+        room = resolution - size
+        x0, y0 = (min(room, int(rng.integers(0, int(jitter * resolution) + 1))) for _ in range(2))
+        x0, y0 = (room - x0 if ax else x0), (room - y0 if ay else y0)
+    else:
+        x0, y0 = (int(v) for v in rng.integers(0, resolution - size + 1, size=2))
     return Placement(size, x0, y0, round(float(rng.uniform(min_opacity, 1.0)), 3))
 
 
