@@ -43,23 +43,19 @@ def load_mask(root: str | Path, row: dict) -> np.ndarray | None:
     return None
 
 
-def stamps(root: str | Path, group: str = "local") -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each sub-group's shared region: (the sub-group's first image, its mask), for the local
-    stamps or (``group="template"``) the v6 cards. Every image of a sub-group carries the same
-    pixels under the mask, so one image stands for the stamp or card."""
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for row in read_rows(root, split="train", group=group):
-        if row["local_group"] not in out:
-            out[row["local_group"]] = (load_image(root, row["file_name"]), load_mask(root, row))
-    return out
-
-
 def placements(root: str | Path, group: str = "moving_local") -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
-    """Every (image, mask) of each sub-group: where the v6 moving stamps sit, one place per image."""
+    """Every (image, mask) of each sub-group (local stamp, card, moving stamp), in file order."""
     out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for row in read_rows(root, split="train", group=group):
         out.setdefault(row["local_group"], []).append((load_image(root, row["file_name"]), load_mask(root, row)))
     return out
+
+
+def stamps(root: str | Path, group: str = "local") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each sub-group's shared region: (the sub-group's first image, its mask), for the local
+    stamps or (``group="template"``) the v6 cards. Every image of a sub-group carries the same
+    pixels under the mask, so one image stands for the stamp or card."""
+    return {g: members[0] for g, members in placements(root, group).items()}
 
 
 @dataclass
