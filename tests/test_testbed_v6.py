@@ -150,6 +150,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
     first, fresh = {}, []
     cases = []  # (prompt index, image, expected replica, expected local replica)
     anywhere = {}  # case index: expected stamp_anywhere (moving stamps drawn where any image of the group has it)
+    found_at = {}  # case index: the mask of the place the stamp must be found at
     for p, prompt in enumerate(prompts):
         if prompt.role == "calibration":
             cases.append((p, load_image(root, prompt.file_name), None, None))
@@ -186,6 +187,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
             other_region = mask(root, elsewhere["mask_file"])
             moved[other_region] = load_image(root, elsewhere["file_name"])[other_region]
             anywhere[len(cases)] = True
+            found_at[len(cases)] = elsewhere["mask_file"]
             cases.append((p, moved, False, False))
         elif prompt.group == "clean":
             cases.append((p, np.random.default_rng(p).uniform(size=load_image(root, prompt.file_name).shape), False, False))
@@ -201,6 +203,7 @@ def test_replica_judgement_on_hand_made_generations(builds):
         checked += 1
     assert checked >= 12 and {"near_global", "template", "caption_dup", "moving_local"} <= set(result["groups"])
     assert len(anywhere) >= 6 and all(result["generations"][i]["stamp_anywhere"] == want for i, want in anywhere.items())
+    assert found_at and all(result["generations"][i]["stamp_anywhere_mask"] == f for i, f in found_at.items())
     # the fresh crops: the aligned search finds the picture far closer than any training row is
     for i in fresh:
         gen = result["generations"][i]
@@ -240,7 +243,7 @@ def test_localization_scores_the_map_on_local_replicas_against_both_baselines(bu
             images.append(load_image(root, q.file_name))
             maps.append(blob)
     out = localization(np.stack(images)[:, None], np.stack(maps)[:, None], prompts, root)["kinds"]
-    for kind in ("template", "moving_local"):
+    for kind in ("template", "moving_local", "moving_local_anywhere"):
         assert out[kind]["local_replicas"] == out[kind]["generations"] > 0
         assert out[kind]["iou"] > 0.9
         assert out[kind]["all_ones_iou"] < 0.6 and out[kind]["clean_map_iou"] < 0.6

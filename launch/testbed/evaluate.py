@@ -305,19 +305,26 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
     # (a watermark copied to another place is still copied); the bar is the same quantile of how
     # close held-out generations come under the same search, and clean generations give its chance rate.
     places = placements(root) if (group == "moving_local").any() else {}
+    place_masks = {}  # the mask file of each placement, in the order of places
+    for row in (read_rows(root, split="train", group="moving_local") if places else []):
+        place_masks.setdefault(row["local_group"], []).append(row["mask_file"])
 
-    def anywhere(gen: np.ndarray, g: int) -> np.ndarray:
-        return np.min([masked_distance(gen, image, mask) for image, mask in places[g]], axis=0)
+    def anywhere(gen: np.ndarray, g: int) -> tuple[np.ndarray, np.ndarray]:
+        distance = np.stack([masked_distance(gen, image, mask) for image, mask in places[g]])
+        return distance.min(axis=0), distance.argmin(axis=0)
 
-    anywhere_threshold = {g: calibrate_threshold(anywhere(cal_images, g), quantile) for g in places}
+    anywhere_threshold = {g: calibrate_threshold(anywhere(cal_images, g)[0], quantile) for g in places}
     stamp_anywhere = np.zeros((P, S), dtype=bool)
+    anywhere_mask = np.full((P, S), None, dtype=object)  # where the stamp was found: that image's mask
     clean_anywhere = np.zeros((P, S, max(len(places), 1)), dtype=bool)
     for p, prompt in enumerate(prompts):
         if prompt.group == "moving_local":
-            stamp_anywhere[p] = (anywhere(images[p], prompt.local_group) < anywhere_threshold[prompt.local_group]) & ~replica[p]
+            distance, where = anywhere(images[p], prompt.local_group)
+            stamp_anywhere[p] = (distance < anywhere_threshold[prompt.local_group]) & ~replica[p]
+            anywhere_mask[p] = [place_masks[prompt.local_group][i] for i in where]
         elif prompt.group == "clean":
             for k, g in enumerate(places):
-                clean_anywhere[p, :, k] = (anywhere(images[p], g) < anywhere_threshold[g]) & ~replica[p]
+                clean_anywhere[p, :, k] = (anywhere(images[p], g)[0] < anywhere_threshold[g]) & ~replica[p]
 
     # Prompt fidelity: how many clean training images are closer to a generation than its own
     # image (clean prompts: trained; held-out prompts: never trained). The baseline scores each
@@ -395,6 +402,7 @@ def score(images: np.ndarray, prompts: Sequence[Prompt], root: str | Path, quant
                 "region_distance": None if np.isnan(region_distance[p, k]) else float(region_distance[p, k]),
                 "local_replica": bool(local_replica[p, k]),
                 "stamp_anywhere": bool(stamp_anywhere[p, k]),
+                "stamp_anywhere_mask": anywhere_mask[p, k],
             })
     return {
         "thresholds": {"quantile": quantile, "replica": threshold, "near_global_aligned": aligned_threshold,

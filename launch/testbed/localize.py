@@ -15,7 +15,9 @@ ARE local replicas:
   against the own image's ground-truth mask (stamp / card pixels);
 * ``all_ones_iou``: what marking the whole image scores;
 * ``clean_map_iou``: the saliency-free baseline: the maps of clean-prompt generations (no copied
-  region) scored against the same masks: where the model attends to the end token anyway.
+  region) scored against the same masks: where the model attends to the end token anyway;
+* ``moving_local_anywhere``: the same over the moving-stamp generations that draw their stamp at
+  any place of its group (``stamp_anywhere``), against the mask of the place it was found at.
 
 The issue's bar: ``iou`` >= 0.5 and >= 0.2 above both baselines.
 """
@@ -73,28 +75,32 @@ def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path
     ``result``: the generations' judgement (:func:`score`), when several maps share it."""
     result = result or score(images, prompts, root)
     S = images.shape[1]
-    flags = np.array([g["local_replica"] for g in result["generations"]]).reshape(len(prompts), S)
+    generations = np.array(result["generations"], dtype=object).reshape(len(prompts), S)
     clean_maps = [maps[p, k] for p, prompt in enumerate(prompts) if prompt.group == "clean" and prompt.role == "eval"
                   for k in range(S)]
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     out = {}
-    for kind in REGION_KINDS:
+    # each region kind on its local replicas, against the own image's mask; the moving stamps also
+    # where they were drawn anywhere in their group, against the mask of the place they were found at
+    for name, kind, flag, mask_file in [(k, k, "local_replica", None) for k in REGION_KINDS] + [
+            ("moving_local_anywhere", "moving_local", "stamp_anywhere", "stamp_anywhere_mask")]:
         ious, ones, baseline, all_ious = [], [], [], []
         for p, prompt in enumerate(prompts):
             if prompt.group != kind or prompt.role != "eval":
                 continue
-            mask = load_mask(root, {"mask_file": prompt.mask_file, "group": prompt.group, "file_name": prompt.file_name})
             for k in range(S):
+                gen = generations[p, k]
+                mask = load_mask(root, {"mask_file": gen[mask_file] if mask_file else prompt.mask_file,
+                                        "group": prompt.group, "file_name": prompt.file_name})
                 value, trivial = localization_iou(maps[p, k], mask)
                 all_ious.append(value)
-                if flags[p, k]:
+                if gen[flag]:
                     ious.append(value)
                     ones.append(trivial)
                     baseline.append(np.mean([localization_iou(m, mask)[0] for m in clean_maps]) if clean_maps else np.nan)
-        if not all_ious:
-            continue
-        mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-        out[kind] = {"generations": len(all_ious), "local_replicas": len(ious), "iou": mean(ious),
-                     "all_ones_iou": mean(ones), "clean_map_iou": mean(baseline), "iou_all_generations": mean(all_ious)}
+        if all_ious:
+            out[name] = {"generations": len(all_ious), "local_replicas": len(ious), "iou": mean(ious),
+                         "all_ones_iou": mean(ones), "clean_map_iou": mean(baseline), "iou_all_generations": mean(all_ious)}
     return {"kinds": out, "map_shape": list(maps.shape[2:]),
             "local_replica_rates": {k: v.get("local_replica_rate") for k, v in result["groups"].items() if k in REGION_KINDS}}
 
