@@ -240,6 +240,8 @@ def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     header = table[0].strip("| ").split(" | ")
     assert header[1:] == ["global", "local"]
     assert table[2] == "| marker | 1.000 | 0.500 |" and table[3] == "| constant | 0.500 | 0.500 |"
+    with pytest.raises(ValueError, match="clean rows"):
+        auc_table([g for g in groups if g != "clean"], {"marker": marker[np.array(groups) != "clean"]})
 
     # the held-out loss: deterministic, and a UNet that predicts zeros scores E[noise^2] = 1
     from launch.testbed.evaluate import heldout_loss, load_pipeline

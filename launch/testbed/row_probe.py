@@ -17,21 +17,13 @@ above 0.5 the kind scores higher, below 0.5 lower (1 - AUC separates as well the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from launch.testbed.evaluate import GROUP_ORDER, testbed_of_run
+from launch.testbed.evaluate import GROUP_ORDER, _torch_generator, testbed_of_run
 from launch.testbed.reading import emit_table, load_image, read_rows
-
-
-def _noise(sample_id: str, shape: tuple[int, ...]):
-    import torch
-
-    seed = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:7], "little")
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], batch: int = 64) -> tuple[list[str], dict]:
@@ -64,7 +56,8 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
             latents = vae.encode(pixels * 2 - 1).latent_dist.mean * vae.config.scaling_factor
             texts = [r["text"] for r in chunk]
             cond = encode(texts)
-            noise = torch.stack([_noise(r["sample_id"], tuple(latents.shape[1:])) for r in chunk])
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=_torch_generator(r["sample_id"]))
+                                 for r in chunk])  # fixed per row, whatever the batch
             for t in timesteps:
                 steps = torch.full((len(chunk),), t, dtype=torch.long)
                 noisy = scheduler.add_noise(latents, noise, steps)
@@ -95,6 +88,9 @@ def auc_table(groups: list[str], values: dict[str, np.ndarray]) -> list[str]:
 
     groups = np.asarray(groups)
     kinds = [k for k in GROUP_ORDER if k != "clean" and k in set(groups)]
+    if "clean" not in set(groups) or not kinds:
+        raise ValueError(f"row_probe: needs clean rows and planted rows to compare; the testbed's groups are "
+                         f"{sorted(set(groups))}")
     lines = ["| statistic @ t | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, value in values.items():
         aucs = []
