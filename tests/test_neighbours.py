@@ -47,6 +47,54 @@ def test_state_round_trip_and_the_faiss_backend_agree():
     assert fast.count[:25].tolist() == exact.count[:25].tolist()
 
 
+def planted_pairs(n: int, dim: int, pairs: int, seed: int = 0) -> np.ndarray:
+    """``n`` random unit rows whose last ``pairs`` rows are near-copies of the first ``pairs``."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n - pairs, dim)).astype(np.float32)
+    vectors = np.concatenate([base, base[:pairs] + 0.01 * rng.normal(size=(pairs, dim)).astype(np.float32)])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_compressed_faiss_index_trains_on_its_first_rows_and_counts_as_the_exact_search():
+    faiss = pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
+    vectors = planted_pairs(1200, 16, pairs=120)
+    order = np.random.default_rng(1).permutation(1200)  # pairs arrive before and after training
+    settings = dict(backend="faiss", faiss_index="IVF2,SQ8", faiss_nprobe=2, faiss_train_rows=600)
+    exact, ivf = NeighbourIndex(16, 0.99), NeighbourIndex(16, 0.99, **settings)
+    resumed = None
+    for start in range(0, 1200, 200):
+        batch = order[start:start + 200]
+        for index in (exact, ivf) + ((resumed,) if resumed else ()):
+            index.add(batch, vectors[batch])
+        if start == 200:  # a checkpoint while the rows still wait as float32 for training
+            resumed = NeighbourIndex(16, 0.99, **settings)
+            resumed.load_tensors(ivf.state_tensors())
+            assert resumed.buffered == 400 and not resumed._faiss.is_trained
+    assert ivf._faiss.is_trained and ivf.buffered == 0 and ivf._faiss.ntotal == 1200  # the float32 copy is gone
+    assert isinstance(ivf._faiss, faiss.IndexIVFScalarQuantizer)
+    assert exact.count[:120].tolist() == [1] * 120 and exact.count[:1200].sum() == 240
+    assert ivf.count[:1200].tolist() == exact.count[:1200].tolist() == resumed.count[:1200].tolist()
+    assert (ivf.roots()[:120] == ivf.roots()[1080:1200]).all()  # each pair one group
+    again = NeighbourIndex(16, 0.99, **settings)
+    again.load_tensors(ivf.state_tensors())  # a trained index resumes from its codes
+    assert again.size == 1200 and again._faiss.is_trained and again.stored[:1200].all()
+    other = planted_pairs(2, 16, pairs=0, seed=5)[0]
+    assert again.add(np.array([1200, 1201]), np.stack([vectors[7], other])).tolist() == [2, 0]
+    assert again.nbytes() < exact.nbytes() / 2  # 16 one-byte codes a row instead of 16 floats
+
+
+def test_neighbour_index_settings_that_cannot_work_are_named():
+    pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
+    with pytest.raises(ValueError, match="faiss_index='IVF4,SQ8' needs monitor.neighbours.backend=faiss"):
+        NeighbourIndex(8, 0.9, faiss_index="IVF4,SQ8")
+    with pytest.raises(ValueError, match="not a faiss index_factory string"):
+        NeighbourIndex(8, 0.9, backend="faiss", faiss_index="IVF4,Nonsense")
+    fast = NeighbourIndex(8, 0.9, backend="faiss")
+    fast.add(np.arange(3), planted_pairs(3, 8, pairs=1))
+    with pytest.raises(ValueError, match="resume with monitor.neighbours.backend=faiss"):
+        NeighbourIndex(8, 0.9).load_tensors(fast.state_tensors())
+
+
 def test_embedding_is_unit_length_and_ignores_brightness_offsets():
     latents = torch.randn(2, 4, 16, 16)
     e = embed(torch.cat([latents, latents + 3.0]), side=4)  # a constant offset is centred away

@@ -7,9 +7,10 @@ the ground-truth detection scoring (AUC per kind, as the monitor runs every dete
 
 With ``--neighbours N`` it instead measures the ``neighbours`` signal's index
 (train/monitor/neighbours.py) holding N stored rows of the default embedding (4 latent channels x
-8 x 8 = 256 numbers): bytes per row, and the time to add one gathered batch of new rows (search
-against all N, then store) for each backend installed (exact; faiss with faiss-cpu); ``--dim 512``
-for SSCD descriptors (``monitor.neighbours.embedding: sscd-onnx``).
+8 x 8 = 256 numbers): bytes per row, the time to add one gathered batch of new rows (search
+against all N, then store) and the share of planted twins it finds, for each ``--index`` (exact;
+faiss index_factory strings with faiss-cpu: ``Flat``, ``IVF4096,SQ8`` ...); ``--dim 512
+--threshold 0.7 --twin-cosine 0.8`` for SSCD descriptors (``monitor.neighbours.embedding: sscd-onnx``).
 """
 
 from __future__ import annotations
@@ -35,36 +36,55 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def bench_neighbours(stored: int, batch: int, repeats: int = 3, dim: int = 256) -> dict:
-    """Time ``NeighbourIndex.add`` of ``batch`` new rows against ``stored`` rows already held."""
-    import torch
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
+
+def bench_neighbours(stored: int, batch: int, repeats: int = 3, dim: int = 256, threshold: float = 0.99,
+                     twin_cosine: float = 0.995, indexes: tuple[str, ...] = ("exact", "Flat"),
+                     nprobe: int = 32, train_rows: int = 100_000) -> dict:
+    """Time ``NeighbourIndex.add`` of ``batch`` new rows against ``stored`` rows already held, for
+    each index (``exact``, or a faiss index_factory string), and its recall: half of each batch are
+    twins of stored rows (cosine ``twin_cosine``), the other half new pictures."""
     rng = np.random.default_rng(0)
-    matrix = rng.normal(size=(stored, dim)).astype(np.float32)
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-    state = {"matrix": torch.from_numpy(matrix), "order": torch.arange(stored),
-             "count": torch.zeros(stored + batch * repeats, dtype=torch.int32)}
-    out = {"stored_rows": stored, "dim": dim, "batch": batch}
-    for backend in ("exact", "faiss"):
+    matrix = unit_rows(rng, stored, dim)
+    # a twin at cosine c: the row plus noise of norm tan(arccos c) in a random direction
+    noise = float(np.tan(np.arccos(twin_cosine)))
+    batches = []
+    for r in range(repeats):
+        sources = rng.choice(stored, batch // 2, replace=False)
+        twins = matrix[sources] + noise * unit_rows(rng, batch // 2, dim)
+        queries = np.concatenate([twins / np.linalg.norm(twins, axis=1, keepdims=True), unit_rows(rng, batch - batch // 2, dim)])
+        batches.append((np.arange(stored + r * batch, stored + (r + 1) * batch), queries))
+    out = {"stored_rows": stored, "dim": dim, "batch": batch, "threshold": threshold, "twin_cosine": twin_cosine}
+    for name in indexes:
+        settings = {} if name == "exact" else dict(backend="faiss", faiss_index=name, faiss_nprobe=nprobe,
+                                                   faiss_train_rows=min(train_rows, stored))
         try:
-            index = NeighbourIndex(dim, 0.99, backend=backend)
-            index.load_tensors(state)
-            if backend == "faiss":
-                index._faiss_index()  # built once on the first search after a load; not per batch
+            index = NeighbourIndex(dim, threshold, capacity=stored + batch * repeats, **settings)
         except ImportError:
-            out[backend] = "not installed"
+            out[name] = "not installed"
             continue
-        times = []
-        for r in range(repeats):
-            queries = rng.normal(size=(batch, dim)).astype(np.float32)
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        index._store(np.arange(stored), matrix)  # the rows already held (put in without searching)
+        index.stored[:stored] = True
+        build_s = time.perf_counter() - t0
+        times, found, false = [], [], []
+        for slots, queries in batches:
             t0 = time.perf_counter()
-            index.add(np.arange(stored + r * batch, stored + (r + 1) * batch), queries)
+            counts = index.add(slots, queries)
             times.append(time.perf_counter() - t0)
-        out[backend] = {"add_ms_median_per_batch": 1000 * float(np.median(times))}
-        out["bytes_per_row"] = index.bytes_per_row
-    out["gib_at_stored"] = out["bytes_per_row"] * stored / 2 ** 30
-    out["gib_at_100M"] = out["bytes_per_row"] * 10 ** 8 / 2 ** 30
+            found.append(np.mean(counts[: batch // 2] > 0))
+            false.append(np.mean(counts[batch // 2:] > 0))
+        per_row = index.nbytes() / (stored + batch * repeats)
+        out[name] = {"add_ms_median_per_batch": 1000 * float(np.median(times)), "build_s": build_s,
+                     "twins_found": float(np.mean(found)), "new_rows_with_a_false_twin": float(np.mean(false)),
+                     "bytes_per_row": per_row, "gib_at_stored": per_row * stored / 2 ** 30,
+                     "gib_at_100M": per_row * 10 ** 8 / 2 ** 30,
+                     **({"nprobe": nprobe, "train_rows": settings["faiss_train_rows"]} if settings else {})}
+        del index
+    out["peak_rss_gib"] = rss_gib()
     return out
 
 
@@ -75,9 +95,16 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--neighbours", type=int, metavar="N", help="measure the neighbour index at N stored rows")
     parser.add_argument("--dim", type=int, default=256, help="--neighbours: embedding size (256 pooled latent, 512 SSCD)")
+    parser.add_argument("--index", nargs="+", default=["exact", "Flat"],
+                        help="--neighbours: exact and/or faiss index_factory strings (IVF4096,SQ8 ...)")
+    parser.add_argument("--nprobe", type=int, default=32, help="--neighbours: inverted lists scanned per query")
+    parser.add_argument("--threshold", type=float, default=0.99, help="--neighbours: look-alike cosine (0.7 for SSCD)")
+    parser.add_argument("--twin-cosine", type=float, default=0.995, help="--neighbours: cosine of the planted twins")
     args = parser.parse_args()
     if args.neighbours:
-        print(json.dumps(bench_neighbours(args.neighbours, args.batch, dim=args.dim), indent=1))
+        print(json.dumps(bench_neighbours(args.neighbours, args.batch, dim=args.dim, threshold=args.threshold,
+                                          twin_cosine=args.twin_cosine, indexes=tuple(args.index),
+                                          nprobe=args.nprobe), indent=1))
         return
     before = rss_gib()
     ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy())

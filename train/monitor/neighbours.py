@@ -20,12 +20,17 @@ built while training, so it also works on streamed data.
   cosine with every row stored so far, and each pair at or above ``threshold`` raises both rows'
   counts, so ``count[i]`` is the number of distinct seen rows that look like row i. The exact
   search is a matrix product over the stored float32 rows (``4 * dim`` bytes a row: 1 GB at 1M
-  rows of dim 256). Past a few million rows use ``backend: faiss`` (faiss-cpu / faiss-gpu); its
-  flat index keeps the same bytes, so at 100M rows swap in a compressed one (8-bit scalar codes:
-  ``dim`` bytes a row, 26 GB) as a one-line change in :meth:`NeighbourIndex._faiss_index`.
+  rows of dim 256). ``backend: faiss`` keeps the rows in a faiss index built from
+  ``faiss_index`` (faiss's index_factory string): ``Flat`` searches every row exactly (the same
+  bytes, faster), an inverted file with 8-bit codes (``IVF65536,SQ8``: ``dim`` bytes a row, each
+  query scans the ``faiss_nprobe`` nearest of the lists) is what holds 100M rows. A compressed
+  index must be trained: the first ``faiss_train_rows`` rows are kept as float32 and searched
+  exactly, then train it, move into it and leave the float32 copy behind (docs/detection.md
+  measures its recall and cost).
 
 Every rank holds the same index and updates it with the gathered batch in the same order, like the
-ledger, so all ranks agree on the counts without another collective.
+ledger, so all ranks agree on the counts without another collective (a trained faiss index too:
+faiss's k-means is seeded, so ranks on like machines train the same lists).
 
 The look-alike pairs also join rows into groups (union-find over slots: a group is every row
 linked to another by a chain of look-alikes), so a flag-driven mitigation can act on the whole
@@ -50,22 +55,34 @@ def embed(latents: torch.Tensor, side: int = 8) -> torch.Tensor:
 
 
 class NeighbourIndex:
-    """Per slot: the count of other stored slots within ``threshold``; the stored embeddings (first
-    sighting of each slot) as an append-only float32 matrix whose row ``k`` is slot ``order[k]``."""
+    """Per slot: the count of other stored slots within ``threshold``. The stored embeddings (first
+    sighting of each slot) live in a faiss index (``backend="faiss"``) or, for the exact backend and
+    while a compressed faiss index waits for its training rows, in an append-only float32 matrix
+    whose row ``k`` is slot ``order[k]``."""
 
-    def __init__(self, dim: int, threshold: float, capacity: int = 1024, backend: str = "exact"):
+    def __init__(self, dim: int, threshold: float, capacity: int = 1024, backend: str = "exact",
+                 faiss_index: str = "Flat", faiss_nprobe: int = 32, faiss_train_rows: int = 100_000):
         if backend not in ("exact", "faiss"):
             raise ValueError(f"neighbour backend must be exact or faiss, got {backend!r}")
+        if backend == "exact" and faiss_index != "Flat":
+            raise ValueError(f"monitor.neighbours.faiss_index={faiss_index!r} needs monitor.neighbours.backend=faiss")
         self.dim, self.threshold, self.backend = dim, float(threshold), backend
-        self.matrix = np.zeros((capacity, dim), np.float32)
-        self.order = np.zeros(capacity, np.int64)
-        self.size = 0
+        self.faiss_nprobe, self.faiss_train_rows = faiss_nprobe, faiss_train_rows
+        rows = capacity if backend == "exact" else 0  # faiss holds the rows (a compressed one after training)
+        self.matrix = np.zeros((rows, dim), np.float32)
+        self.order = np.zeros(rows, np.int64)
+        self.buffered = 0  # rows of ``matrix`` in use
         self.stored = np.zeros(capacity, bool)  # by slot
         self.count = np.zeros(capacity, np.int32)  # by slot
         self.parent = np.arange(capacity, dtype=np.int64)  # by slot: union-find of look-alike groups
         self.members = np.ones(capacity, np.int32)  # by root: rows in the group
         self.group_flagged = np.zeros(capacity, bool)  # by root: a member was flagged
-        self._faiss = None
+        self._faiss = self._new_faiss_index(faiss_index) if backend == "faiss" else None
+
+    @property
+    def size(self) -> int:
+        """Rows stored."""
+        return self.buffered + (self._faiss.ntotal if self._faiss is not None else 0)
 
     @staticmethod
     def _grown(array: np.ndarray, capacity: int) -> np.ndarray:
@@ -73,26 +90,38 @@ class NeighbourIndex:
         new[: len(array)] = array
         return new
 
-    def _search(self, queries: np.ndarray) -> list[np.ndarray]:
-        """For each query, the stored slots within the threshold."""
-        if self.size == 0:
-            return [np.zeros(0, np.int64) for _ in queries]
-        if self.backend == "faiss":
-            lims, _, ids = self._faiss_index().range_search(queries, self.threshold)
-            return [ids[lims[i]:lims[i + 1]].astype(np.int64) for i in range(len(queries))]
-        sims = torch.from_numpy(queries) @ torch.from_numpy(self.matrix[: self.size]).T
-        return [self.order[: self.size][row.numpy()] for row in (sims >= self.threshold)]
+    def _new_faiss_index(self, factory: str):
+        faiss = _import_faiss()
+        try:
+            index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ValueError(f"monitor.neighbours.faiss_index={factory!r} is not a faiss index_factory string") from exc
+        return self._with_ids(index)
 
-    def _faiss_index(self):
-        if self._faiss is None:
-            try:
-                import faiss
-            except ImportError as exc:
-                raise ImportError("monitor.neighbours.backend=faiss needs faiss-cpu or faiss-gpu "
-                                  "(pip install faiss-cpu)") from exc
-            self._faiss = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
-            self._faiss.add_with_ids(self.matrix[: self.size], self.order[: self.size])
-        return self._faiss
+    def _with_ids(self, index):
+        faiss = _import_faiss()
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:  # an inverted file stores the slots itself; others need the id map
+            ivf.nprobe = self.faiss_nprobe
+            ivf = faiss.downcast_index(ivf)
+            if isinstance(ivf, faiss.IndexIVFScalarQuantizer) and not ivf.is_trained:
+                # the codes' range is read off the first rows only: widen it by a tenth on each side
+                # so later rows are not clipped (a clipped twin can fall below the threshold)
+                ivf.sq.rangestat_arg = 0.1
+            return index
+        return index if isinstance(index, faiss.IndexIDMap) else faiss.IndexIDMap(index)
+
+    def _search(self, queries: np.ndarray) -> list[np.ndarray]:
+        """For each query, the stored slots within the threshold (in the faiss index and the float32 rows)."""
+        hits = [np.zeros(0, np.int64) for _ in queries]
+        if self._faiss is not None and self._faiss.ntotal:
+            lims, _, ids = self._faiss.range_search(queries, self.threshold)
+            hits = [ids[lims[i]:lims[i + 1]].astype(np.int64) for i in range(len(queries))]
+        if self.buffered:
+            sims = torch.from_numpy(queries) @ torch.from_numpy(self.matrix[: self.buffered]).T
+            hits = [np.concatenate([h, self.order[: self.buffered][row.numpy()]])
+                    for h, row in zip(hits, sims >= self.threshold)]
+        return hits
 
     def add(self, slots: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """Store the slots seen for the first time and count them against everything stored and
@@ -115,16 +144,28 @@ class NeighbourIndex:
             np.add.at(self.count, new_slots[j], 1)
             for a, b in zip(new_slots[i].tolist(), new_slots[j].tolist()):
                 self._union(a, b)
-            if self.size + len(new) > len(self.matrix):
-                capacity = max(2 * len(self.matrix), self.size + len(new))
-                self.matrix, self.order = self._grown(self.matrix, capacity), self._grown(self.order, capacity)
-            self.matrix[self.size:self.size + len(new)] = queries
-            self.order[self.size:self.size + len(new)] = new_slots
-            self.size += len(new)
+            self._store(new_slots, queries)
             self.stored[new_slots] = True
-            if self._faiss is not None:
-                self._faiss.add_with_ids(queries, new_slots)
         return self.count[slots]
+
+    def _store(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        if self._faiss is not None and self._faiss.is_trained:
+            self._faiss.add_with_ids(vectors, slots)
+            return
+        if self.buffered + len(slots) > len(self.matrix):
+            capacity = max(2 * len(self.matrix), self.buffered + len(slots))
+            self.matrix, self.order = self._grown(self.matrix, capacity), self._grown(self.order, capacity)
+        self.matrix[self.buffered:self.buffered + len(slots)] = vectors
+        self.order[self.buffered:self.buffered + len(slots)] = slots
+        self.buffered += len(slots)
+        if self._faiss is not None and self.buffered >= self.faiss_train_rows:
+            self._faiss.train(self.matrix[: self.buffered])
+            self._move_buffer_to_faiss()
+
+    def _move_buffer_to_faiss(self) -> None:
+        self._faiss.add_with_ids(self.matrix[: self.buffered], self.order[: self.buffered])
+        self.matrix, self.order = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
+        self.buffered = 0
 
     def _grow_slots(self, capacity: int) -> None:
         old = len(self.stored)
@@ -179,28 +220,55 @@ class NeighbourIndex:
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"matrix": torch.from_numpy(self.matrix[: self.size].copy()),
-                "order": torch.from_numpy(self.order[: self.size].copy()), "count": torch.from_numpy(self.count.copy()),
-                "parent": torch.from_numpy(self.parent.copy()), "members": torch.from_numpy(self.members.copy()),
-                "group_flagged": torch.from_numpy(self.group_flagged.copy())}
+        out = {"matrix": torch.from_numpy(self.matrix[: self.buffered].copy()),
+               "order": torch.from_numpy(self.order[: self.buffered].copy()), "count": torch.from_numpy(self.count.copy()),
+               "parent": torch.from_numpy(self.parent.copy()), "members": torch.from_numpy(self.members.copy()),
+               "group_flagged": torch.from_numpy(self.group_flagged.copy()),
+               "stored": torch.from_numpy(self.stored.copy())}
+        if self._faiss is not None:
+            out["faiss"] = torch.from_numpy(_import_faiss().serialize_index(self._faiss))
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "faiss" in tensors and self._faiss is None:
+            raise ValueError("the checkpoint's neighbour index is a faiss index: resume with "
+                             "monitor.neighbours.backend=faiss")
         self.matrix, self.order = tensors["matrix"].numpy().copy(), tensors["order"].numpy().copy()
-        self.size = len(self.order)
+        self.buffered = len(self.order)
         self.count = tensors["count"].numpy().astype(np.int32)
-        self.stored = np.zeros(len(self.count), bool)
-        self.stored[self.order] = True
         n = len(self.count)  # a checkpoint from before groups existed: every row its own group
         self.parent = tensors["parent"].numpy().copy() if "parent" in tensors else np.arange(n, dtype=np.int64)
         self.members = tensors["members"].numpy().copy() if "members" in tensors else np.ones(n, np.int32)
         self.group_flagged = tensors["group_flagged"].numpy().copy() if "group_flagged" in tensors else np.zeros(n, bool)
-        self._faiss = None  # rebuilt from the stored vectors on the next search
+        if "stored" in tensors:
+            self.stored = tensors["stored"].numpy().copy()
+        else:  # a checkpoint from before the faiss index was saved held every row as float32
+            self.stored = np.zeros(n, bool)
+            self.stored[self.order] = True
+        if self._faiss is not None:
+            if "faiss" in tensors:  # the checkpoint's index (its lists and codes) replaces the fresh one
+                self._faiss = self._with_ids(_import_faiss().deserialize_index(tensors["faiss"].numpy()))
+            if self.buffered and self._faiss.is_trained:  # float32 rows from an exact-backend checkpoint
+                self._move_buffer_to_faiss()
 
-    @property
-    def bytes_per_row(self) -> int:
-        """Memory per stored row: the embedding, its slot, the slot's flag and count, its group links."""
-        return (self.matrix.itemsize * self.dim + self.order.itemsize + self.stored.itemsize + self.count.itemsize
-                + self.parent.itemsize + self.members.itemsize + self.group_flagged.itemsize)
+    def nbytes(self) -> int:
+        """Memory held: the float32 rows, the faiss index (its serialized size: codes, slots, lists)
+        and the per-slot counts, flags and group links."""
+        held = sum(a.nbytes for a in (self.matrix, self.order, self.stored, self.count, self.parent,
+                                      self.members, self.group_flagged))
+        if self._faiss is not None:
+            held += len(_import_faiss().serialize_index(self._faiss))
+        return held
+
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError("monitor.neighbours.backend=faiss needs faiss-cpu or faiss-gpu "
+                          "(pip install 'copyguard[neighbours]')") from exc
+    return faiss
 
 
 def neighbour_signal(counts: np.ndarray) -> torch.Tensor:
@@ -243,4 +311,5 @@ def make_index(cfg, latent_channels: int, device: str | torch.device = "cpu"
     n = cfg.neighbours
     embedder = SSCDEmbedder(n.embedding, n.sscd_model, device) if n.embedding != "latent" else None
     dim = embedder.dim if embedder is not None else latent_channels * n.side ** 2
-    return NeighbourIndex(dim, n.threshold, backend=n.backend), embedder
+    return NeighbourIndex(dim, n.threshold, backend=n.backend, faiss_index=n.faiss_index,
+                          faiss_nprobe=n.faiss_nprobe, faiss_train_rows=n.faiss_train_rows), embedder
