@@ -102,21 +102,34 @@ def test_embedding_is_unit_length_and_ignores_brightness_offsets():
     assert torch.allclose(e[:2], e[2:], atol=1e-5)
 
 
-def test_the_trainer_counts_repeated_images(tmp_path, cache_dir):
+# an inverted file of half-precision codes trained after the first batch, saved with each checkpoint
+IVF = {"monitor.neighbours.backend": "faiss", "monitor.neighbours.faiss_index": "IVF2,SQfp16",
+       "monitor.neighbours.faiss_train_rows": 4, "monitor.neighbours.faiss_nprobe": 2}
+
+
+@pytest.mark.parametrize("index", [{}, IVF], ids=["exact", "faiss-ivf"])
+def test_the_trainer_counts_repeated_images(tmp_path, cache_dir, index):
     from test_mitigate import stamped_folder
 
     from train.finetune import main
 
+    if index:
+        pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
     folder = stamped_folder(tmp_path / "d")  # rows 9-12: one image four times; the rest noise
     run = main(fast_overrides(cache_dir, tmp_path / "run", **{
         "data.source": "imagefolder", "data.path": str(folder), "train.batch_size": 4, "train.max_steps": 4,
         "monitor.signals": "[loss,neighbours]", "monitor.neighbours.threshold": 0.99,
-        "train.checkpoint_every": 2}))
+        "train.checkpoint_every": 2, **index}))
     ledger = pq.read_table(run / "ledger.parquet").to_pydict()
     counts = dict(zip(ledger["sample_id"], ledger["neighbour_count"]))
     assert [counts[f"id-{i}"] for i in (9, 10, 11, 12)] == [3, 3, 3, 3]
     assert all(counts[f"id-{i}"] == 0 for i in range(9))
     assert "neighbours_mean" in ledger
+    if index:  # the checkpoint holds the trained inverted file (faiss's bytes), no float32 rows
+        from safetensors.numpy import load_file
+
+        saved = load_file(str(run / "checkpoints" / "checkpoint-4" / "ledger.safetensors"))
+        assert saved["neighbours.faiss"].dtype == np.uint8 and saved["neighbours.matrix"].shape[0] == 0
 
 
 def test_look_alike_chains_form_one_group_and_a_flag_weighs_the_group_as_one_row():
