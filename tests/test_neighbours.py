@@ -83,11 +83,27 @@ def test_a_compressed_faiss_index_trains_on_its_first_rows_and_counts_as_the_exa
     assert again.nbytes() < exact.nbytes() / 2  # 16 one-byte codes a row instead of 16 floats
 
 
+def test_an_index_trained_beforehand_is_read_from_its_file(tmp_path):
+    faiss = pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
+    vectors = planted_pairs(600, 16, pairs=60)
+    trained = faiss.index_factory(16, "IVF2,SQfp16", faiss.METRIC_INNER_PRODUCT)
+    trained.train(vectors[:300])
+    faiss.write_index(trained, str(tmp_path / "lists.faiss"))
+    index = NeighbourIndex(16, 0.99, backend="faiss", faiss_index=str(tmp_path / "lists.faiss"), faiss_nprobe=2)
+    counts = index.add(np.arange(600), vectors)
+    assert index.buffered == 0 and index._faiss.ntotal == 600  # no row waited for training
+    assert counts[:60].tolist() == [1] * 60 and counts.sum() == 120
+    wrong = faiss.index_factory(8, "Flat", faiss.METRIC_L2)
+    faiss.write_index(wrong, str(tmp_path / "wrong.faiss"))
+    with pytest.raises(ValueError, match="expected an empty inner-product index of 16 numbers"):
+        NeighbourIndex(16, 0.99, backend="faiss", faiss_index=str(tmp_path / "wrong.faiss"))
+
+
 def test_neighbour_index_settings_that_cannot_work_are_named():
     pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
     with pytest.raises(ValueError, match="faiss_index='IVF4,SQ8' needs monitor.neighbours.backend=faiss"):
         NeighbourIndex(8, 0.9, faiss_index="IVF4,SQ8")
-    with pytest.raises(ValueError, match="not a faiss index_factory string"):
+    with pytest.raises(ValueError, match="neither a faiss index_factory string nor an index file"):
         NeighbourIndex(8, 0.9, backend="faiss", faiss_index="IVF4,Nonsense")
     fast = NeighbourIndex(8, 0.9, backend="faiss")
     fast.add(np.arange(3), planted_pairs(3, 8, pairs=1))

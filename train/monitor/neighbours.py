@@ -25,8 +25,9 @@ built while training, so it also works on streamed data.
   bytes, faster), an inverted file with 8-bit codes (``IVF65536,SQ8``: ``dim`` bytes a row, each
   query scans the ``faiss_nprobe`` nearest of the lists) is what holds 100M rows. A compressed
   index must be trained: the first ``faiss_train_rows`` rows are kept as float32 and searched
-  exactly, then train it, move into it and leave the float32 copy behind (docs/detection.md
-  measures its recall and cost).
+  exactly, then train it, move into it and leave the float32 copy behind. ``faiss_index`` may also
+  name an index file trained beforehand (docs/detection.md measures recall and cost, and why a
+  100M-row index is best trained that way).
 
 Every rank holds the same index and updates it with the gathered batch in the same order, like the
 ledger, so all ranks agree on the counts without another collective (a trained faiss index too:
@@ -40,6 +41,7 @@ de-duplication pre-pass, acting only once the monitor says the group is being me
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -91,11 +93,21 @@ class NeighbourIndex:
         return new
 
     def _new_faiss_index(self, factory: str):
+        """From an index_factory string, or from a faiss index file trained beforehand (an IVF's lists
+        trained with faiss-gpu on a sample of the data, say: no rows wait for training then)."""
         faiss = _import_faiss()
+        if Path(factory).is_file():
+            index = faiss.read_index(factory)
+            if index.d != self.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal:
+                raise ValueError(f"monitor.neighbours.faiss_index={factory!r}: expected an empty inner-product "
+                                 f"index of {self.dim} numbers a row, the file holds one of {index.d} numbers, "
+                                 f"metric {index.metric_type}, {index.ntotal} rows")
+            return self._with_ids(index)
         try:
             index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
-            raise ValueError(f"monitor.neighbours.faiss_index={factory!r} is not a faiss index_factory string") from exc
+            raise ValueError(f"monitor.neighbours.faiss_index={factory!r} is neither a faiss index_factory "
+                             "string nor an index file") from exc
         return self._with_ids(index)
 
     def _with_ids(self, index):
