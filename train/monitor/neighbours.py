@@ -273,7 +273,6 @@ class NeighbourIndex:
         return held
 
 
-
 def _import_faiss():
     try:
         import faiss
