@@ -132,3 +132,14 @@ def test_real_checkpoint_configs_undo_the_embedded_demo(model):
     assert cfg.data.filter_column is None and cfg.monitor.label_column is None and cfg.eval.every == 0
     assert not cfg.train.text_encoder and cfg.eval.stratify_column is None
     assert cfg.monitor.detector == "heads" and cfg.monitor.flag.policy == "calibrated"
+
+
+TRAINER_OVERLAYS = sorted(
+    [p for d in ("model", "monitor", "mitigation") for p in (Path(__file__).parents[1] / "configs" / d).glob("*.yaml")]
+    + [Path(__file__).parents[1] / "configs" / "testbed" / f"{n}.yaml" for n in ("common", "finetune", "model_v6", "pretrain")])
+
+
+@pytest.mark.parametrize("overlay", TRAINER_OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_overlay_is_a_valid_trainer_config(overlay):
+    assert overlay.is_file()
+    load_config([str(overlay)])  # unknown keys, bad values and invalid combinations raise ConfigError

@@ -257,3 +257,15 @@ def test_static_sscd_dedup_groups_the_near_duplicates_the_hash_misses(tmp_path):
     assert groups[0] == groups[8] == groups[9] and len(set(groups[:8])) == 8, groups
     with pytest.raises(ValueError, match="mitigate.dedup.sscd_model"):
         descriptor_groups(table, "image", None, "sscd-torchscript", 0.8)
+
+
+def test_the_100m_preset_builds_an_untrained_inverted_file_of_8_bit_codes():
+    faiss = pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
+    from train.config import REPO_ROOT, load_config
+    from train.monitor.neighbours import make_index
+
+    cfg = load_config([str(REPO_ROOT / "configs" / "monitor" / "neighbours_100m.yaml")])
+    index, embedder = make_index(cfg.monitor, latent_channels=4)
+    assert embedder is None and index.dim == 256 and index.faiss_train_rows == 2_600_000
+    assert isinstance(index._faiss, faiss.IndexIVFScalarQuantizer) and index._faiss.nlist == 65536
+    assert index._faiss.nprobe == 32 and not index._faiss.is_trained
