@@ -55,11 +55,12 @@ def planted_pairs(n: int, dim: int, pairs: int, seed: int = 0) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_a_compressed_faiss_index_trains_on_its_first_rows_and_counts_as_the_exact_search():
+@pytest.mark.parametrize("factory", ["IVF2,SQ8", "SQ8"])
+def test_a_compressed_faiss_index_trains_on_its_first_rows_and_counts_as_the_exact_search(factory):
     faiss = pytest.importorskip("faiss", reason="the faiss backend is optional (pip install faiss-cpu)")
     vectors = planted_pairs(1200, 16, pairs=120)
     order = np.random.default_rng(1).permutation(1200)  # pairs arrive before and after training
-    settings = dict(backend="faiss", faiss_index="IVF2,SQ8", faiss_nprobe=2, faiss_train_rows=600)
+    settings = dict(backend="faiss", faiss_index=factory, faiss_nprobe=2, faiss_train_rows=600)
     exact, ivf = NeighbourIndex(16, 0.99), NeighbourIndex(16, 0.99, **settings)
     resumed = None
     for start in range(0, 1200, 200):
@@ -71,7 +72,8 @@ def test_a_compressed_faiss_index_trains_on_its_first_rows_and_counts_as_the_exa
             resumed.load_tensors(ivf.state_tensors())
             assert resumed.buffered == 400 and not resumed._faiss.is_trained
     assert ivf._faiss.is_trained and ivf.buffered == 0 and ivf._faiss.ntotal == 1200  # the float32 copy is gone
-    assert isinstance(ivf._faiss, faiss.IndexIVFScalarQuantizer)
+    codes = ivf._faiss if factory.startswith("IVF") else faiss.downcast_index(ivf._faiss.index)
+    assert isinstance(codes, (faiss.IndexIVFScalarQuantizer, faiss.IndexScalarQuantizer))
     assert exact.count[:120].tolist() == [1] * 120 and exact.count[:1200].sum() == 240
     assert ivf.count[:1200].tolist() == exact.count[:1200].tolist() == resumed.count[:1200].tolist()
     assert (ivf.roots()[:120] == ivf.roots()[1080:1200]).all()  # each pair one group
@@ -97,6 +99,9 @@ def test_an_index_trained_beforehand_is_read_from_its_file(tmp_path):
     faiss.write_index(wrong, str(tmp_path / "wrong.faiss"))
     with pytest.raises(ValueError, match="expected an empty inner-product index of 16 numbers"):
         NeighbourIndex(16, 0.99, backend="faiss", faiss_index=str(tmp_path / "wrong.faiss"))
+    (tmp_path / "corrupt.faiss").write_bytes(b"not a faiss index")
+    with pytest.raises(ValueError, match="is not a readable faiss index file"):
+        NeighbourIndex(16, 0.99, backend="faiss", faiss_index=str(tmp_path / "corrupt.faiss"))
 
 
 def test_neighbour_index_settings_that_cannot_work_are_named():

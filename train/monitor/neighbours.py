@@ -97,7 +97,11 @@ class NeighbourIndex:
         trained with faiss-gpu on a sample of the data, say: no rows wait for training then)."""
         faiss = _import_faiss()
         if Path(factory).is_file():
-            index = faiss.read_index(factory)
+            try:
+                index = faiss.read_index(factory)
+            except RuntimeError as exc:
+                raise ValueError(f"monitor.neighbours.faiss_index={factory!r} is not a readable faiss index file "
+                                 f"({str(exc).splitlines()[0] if str(exc) else 'corrupt'})") from exc
             if index.d != self.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal:
                 raise ValueError(f"monitor.neighbours.faiss_index={factory!r}: expected an empty inner-product "
                                  f"index of {self.dim} numbers a row, the file holds one of {index.d} numbers, "
@@ -113,15 +117,15 @@ class NeighbourIndex:
     def _with_ids(self, index):
         faiss = _import_faiss()
         ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:  # an inverted file stores the slots itself; others need the id map
+        if ivf is not None:
             ivf.nprobe = self.faiss_nprobe
-            ivf = faiss.downcast_index(ivf)
-            if isinstance(ivf, faiss.IndexIVFScalarQuantizer) and not ivf.is_trained:
-                # the codes' range is read off the first rows only: widen it by a tenth on each side
-                # so later rows are not clipped (a clipped twin can fall below the threshold)
-                ivf.sq.rangestat_arg = 0.1
-            return index
-        return index if isinstance(index, faiss.IndexIDMap) else faiss.IndexIDMap(index)
+        codes = faiss.downcast_index(ivf if ivf is not None else index)
+        if isinstance(codes, (faiss.IndexIVFScalarQuantizer, faiss.IndexScalarQuantizer)) and not codes.is_trained:
+            # the codes' range is read off the first rows only: widen it by a tenth on each side
+            # so later rows are not clipped (a clipped twin can fall below the threshold)
+            codes.sq.rangestat_arg = 0.1
+        # an inverted file stores the slots itself; others need the id map
+        return index if ivf is not None or isinstance(index, faiss.IndexIDMap) else faiss.IndexIDMap(index)
 
     def _search(self, queries: np.ndarray) -> list[np.ndarray]:
         """For each query, the stored slots within the threshold (in the faiss index and the float32 rows)."""
