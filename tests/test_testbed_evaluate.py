@@ -234,6 +234,10 @@ def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     assert all(v.shape == (len(groups),) and np.isfinite(v).all() for v in values.values())
     again = row_statistics(run / "final", root, [20, 500], batch=5)[1]  # noise is fixed per row, not per batch
     assert all(np.allclose(v, values[k], rtol=1e-4, atol=1e-6) for k, v in again.items())
+    # against itself as the reference, fine-tuning taught nothing: every gain is 0
+    same = row_statistics(run / "final", root, [20], batch=8, reference=run / "final")[1]
+    assert np.allclose(same["loss@20"], values["loss@20"], rtol=1e-4, atol=1e-6)
+    assert np.allclose(same["ref_gain@20"], 0, atol=1e-5) and np.allclose(same["ref_gain_topk@20"], 0, atol=1e-5)
     # a statistic that is the planted indicator separates its kind perfectly; a constant does not
     marker = np.array([g == "global" for g in groups], dtype=float)
     table = auc_table(groups, {"marker": marker, "constant": np.zeros(len(groups))})

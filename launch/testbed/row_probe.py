@@ -1,6 +1,6 @@
 """Which per-row statistics of a trained testbed model tell planted rows from clean ones?
 
-``python -m launch.testbed.row_probe --model RUN/final [--testbed DIR] [--t 20 100 300 600 900] [--out FILE.md]``
+``python -m launch.testbed.row_probe --model RUN/final [--testbed DIR] [--t 20 100 300 600 900] [--reference BASE/final] [--out FILE.md]``
 
 The ledger averages each signal over a whole run, most of it before anything was memorized. This
 asks the question at the end instead, with nothing averaged away: every training row once, at each
@@ -10,7 +10,11 @@ bright-ending and token statistics, the log loss, the text-conditional magnitude
 compare the captioned and the empty-prompt predictions cell by cell: ``rel_gain`` (1 - loss with
 the caption / loss without it: how much the caption explains) and ``gain_topk`` (the mean of that
 gain over the top 10% of latent cells, over the empty-prompt loss: whether the caption explains one
-region). The table gives each statistic's AUC per planted kind against the clean rows, unoriented:
+region). With ``--reference`` (the model the fine-tune started from) three more compare the
+fine-tune's loss with the reference's on the same noisy latents, cell by cell: ``ref_gain`` (1 - loss
+/ reference loss: how much fine-tuning taught this row), ``ref_gain_topk`` (the gain in the top 10%
+of cells over the reference loss: whether fine-tuning taught one region) and ``ref_gain_share``
+(those cells' share of the row's positive gain: how concentrated it is). The table gives each statistic's AUC per planted kind against the clean rows, unoriented:
 above 0.5 the kind scores higher, below 0.5 lower (1 - AUC separates as well the other way).
 """
 
@@ -26,7 +30,8 @@ from launch.testbed.evaluate import GROUP_ORDER, _torch_generator, testbed_of_ru
 from launch.testbed.reading import emit_table, load_image, read_rows
 
 
-def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], batch: int = 64) -> tuple[list[str], dict]:
+def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], batch: int = 64,
+                   reference: str | Path | None = None) -> tuple[list[str], dict]:
     """(each distinct training row's group, {"stat@t": [rows] values})."""
     import torch
     from diffusers import DDPMScheduler
@@ -41,11 +46,14 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
     rows = list({r["sample_id"]: r for r in read_rows(root, split="train")}.values())
 
-    def encode(texts: list[str]):
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return pipe.text_encoder(ids)[0]
+    def encode(texts: list[str], pipeline=pipe):
+        ids = pipeline.tokenizer(texts, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        return pipeline.text_encoder(ids)[0]
 
+    # the reference reads the same latents (its VAE is the fine-tune's: fine-tuning leaves it frozen)
+    # with its own text encoder and tokenizer, which fine-tuning may have changed
+    ref = load_pipeline(reference) if reference else None
     capture = AttentionCapture(unet, layers=["down_blocks", "mid_block"], be_layers="default").install()
     values: dict[str, list] = {}
     with torch.no_grad():
@@ -77,6 +85,13 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
                          **magnitude_signals(pred, pred_empty, be),
                          "rel_gain": 1 - err.mean(1) / err_empty.mean(1).clamp_min(1e-12),
                          "gain_topk": gain.topk(k, dim=1).values.mean(1) / err_empty.mean(1).clamp_min(1e-12)}
+                if ref is not None:
+                    pred_ref = ref.unet(noisy, steps, encode(texts, ref)).sample
+                    err_ref = ((pred_ref - target) ** 2).sum(1).flatten(1)
+                    ref_gain, top = err_ref - err, (err_ref - err).topk(k, dim=1).values
+                    stats |= {"ref_gain": 1 - err.mean(1) / err_ref.mean(1).clamp_min(1e-12),
+                              "ref_gain_topk": top.mean(1) / err_ref.mean(1).clamp_min(1e-12),
+                              "ref_gain_share": top.clamp_min(0).sum(1) / ref_gain.clamp_min(0).sum(1).clamp_min(1e-12)}
                 for name, value in stats.items():
                     values.setdefault(f"{name}@{t}", []).append(value.float().numpy())
     capture.remove()
@@ -107,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--testbed", default=None, help="the testbed folder (default: the one the run trained on)")
     p.add_argument("--t", type=int, nargs="+", default=[20, 100, 300, 600, 900], help="training timesteps to probe at")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--reference", help="the pipeline the fine-tune started from (adds the ref_gain statistics)")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
     root = Path(a.testbed) if a.testbed else testbed_of_run(a.model)
-    groups, values = row_statistics(a.model, root, a.t, a.batch)
+    groups, values = row_statistics(a.model, root, a.t, a.batch, a.reference)
     emit_table(auc_table(groups, values), a.out)
     return 0
 
