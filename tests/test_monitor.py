@@ -11,7 +11,7 @@ from conftest import fast_overrides, run_on_two_ranks
 
 from train.monitor.detection import detection_metrics
 from train.monitor.ledger import FlagPolicy, Ledger
-from train.monitor.signals import be_signals, magnitude_signals, token_signals
+from train.monitor.signals import be_signals, magnitude_signals, reference_signals, token_signals
 from train.monitor.stats import BinnedStats
 
 
@@ -99,6 +99,55 @@ def test_signal_formulas_on_hand_made_maps():
     mags = magnitude_signals(eps_c, eps_u, half)
     assert mags["magnitude"].item() == pytest.approx(4.0)  # sqrt(16 ones)
     assert mags["be_magnitude"].item() == pytest.approx(2.0 / 0.25)  # ||d*m|| = sqrt(4), mean(m) = 1/4
+
+
+def test_reference_gain_on_hand_made_predictions():
+    target = torch.zeros(1, 4, 2, 2)
+    same = reference_signals(target + 1, target + 1, target, topk_frac=0.25)
+    assert same["ref_gain"].item() == 0 and same["ref_gain_topk"].item() == 0  # nothing learnt beyond the start
+    learnt = reference_signals(target, target + 1, target, topk_frac=0.25)
+    assert learnt["ref_gain"].item() == 1 and learnt["ref_gain_topk"].item() == pytest.approx(1.0)
+    one_cell = target.clone()
+    one_cell[0, :, 0, 0] = 2.0  # the start was wrong in one cell only (16 of squared error), now right
+    local = reference_signals(target, one_cell, target, topk_frac=0.25)
+    assert local["ref_gain"].item() == 1 and local["ref_gain_topk"].item() == pytest.approx(16 / (16 / 4))
+    worse = reference_signals(target + 2, target + 1, target, topk_frac=0.25)
+    assert worse["ref_gain"].item() == pytest.approx(-3.0)  # 16 per cell against 4
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cache_dir, lora):
+    """The reference is the starting model, so the first step's gain is exactly 0 (the weights have
+    not moved); training on the same 8 rows for a few steps makes it positive. A resumed run compares
+    with the starting weights, not the checkpoint's."""
+    from conftest import read_metrics
+
+    from train.finetune import main
+
+    extra = {"monitor.signals": "[loss,ref_gain,ref_gain_topk]", "monitor.reference_every": 1,
+             "monitor.stats_warmup": 1, "data.shapes.num_samples": 8, "train.lr": 3e-3, "train.max_steps": 8,
+             "train.checkpoint_every": 4, "train.lr_scheduler": "constant"}
+    if lora:
+        extra |= {"train.lora.rank": 4, "train.lr": 3e-2}
+    run = main(fast_overrides(cache_dir, tmp_path / "run", **extra))
+    gains = {row["step"]: row["memo/ref_gain"] for row in read_metrics(run) if "memo/ref_gain" in row}
+    assert sorted(gains) == list(range(1, 9))
+    assert abs(gains[1]) < 1e-5 and all(np.isfinite(v) for v in gains.values())
+    assert np.mean([gains[s] for s in (6, 7, 8)]) > 0.02, gains
+    ledger = pq.read_table(run / "ledger.parquet")
+    assert {"ref_gain_mean", "ref_gain_topk_mean"} <= set(ledger.column_names)
+    # resumed at step 4: the reference is loaded again from the starting model, so the gains match
+    main(fast_overrides(cache_dir, tmp_path / "half", **{**extra, "train.max_steps": 4}))
+    resumed = main(fast_overrides(cache_dir, tmp_path / "half", **{**extra, "train.resume": "latest"}))
+    again = {row["step"]: row["memo/ref_gain"] for row in read_metrics(resumed) if "memo/ref_gain" in row}
+    assert all(again[s] == pytest.approx(gains[s], abs=1e-5) for s in (5, 6, 7, 8)), (again, gains)
+
+
+def test_reference_signals_without_the_reference_pass_are_refused(tmp_path, cache_dir):
+    from train.finetune import main
+
+    with pytest.raises(ValueError, match="reference_every"):
+        main(fast_overrides(cache_dir, tmp_path / "run", **{"monitor.signals": "[loss,ref_gain]"}))
 
 
 def _ranks_keep_identical_ledgers():

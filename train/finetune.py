@@ -35,6 +35,7 @@ from train.mitigate import BuildContext, Mitigations, MitigationStep, build_miti
 from train.models import (ModelError, add_lora, freeze, load_components, merged_unet, save_lora, save_pipeline,
                           trainable_parameters, unet_fingerprint, weight_dtype)
 from train.monitor.monitor import LEDGER_FILE, Monitor, StepRecord
+from train.monitor.reference import build_reference, wants_reference
 from train.tracking import Tracker
 from train.util import ConfigError, build_once, quiet_libraries, seed_of
 
@@ -491,10 +492,15 @@ def run(cfg: DictConfig) -> Path:
     table, root = (None, None) if streaming else load_table(data_cfg, cfg.model.cache_dir, skipped=skipped_rows)
     monitor = None
     if cfg.monitor.enabled:  # the ledger has a row per table row (or grows with a stream)
+        reference = None
+        if wants_reference(cfg.monitor):  # the starting model, for the ref_gain signals
+            reference = build_reference(cfg.model, cfg.data.resolution, accelerator.unwrap_model(m.unet),
+                                        lora=bool(tcfg.lora.rank), text_encoder_trained=tcfg.text_encoder,
+                                        device=accelerator.device, dtype=m.dtype)
         monitor = Monitor(cfg.monitor, accelerator.unwrap_model(m.unet), m.parts.tokenizer,
                           accelerator.unwrap_model(m.text_encoder), m.parts.noise_scheduler,
                           num_samples=None if streaming else len(table), table=table, id_column=data_cfg.id_column,
-                          caption_column=data_cfg.caption_column)
+                          caption_column=data_cfg.caption_column, reference=reference)
         if resume_from is not None:
             monitor.load(resume_from)
     mitigations = build_mitigations(cfg.mitigate, BuildContext(cfg.seed, m.parts.tokenizer, monitor,

@@ -10,12 +10,11 @@ bright-ending and token statistics, the log loss, the text-conditional magnitude
 compare the captioned and the empty-prompt predictions cell by cell: ``rel_gain`` (1 - loss with
 the caption / loss without it: how much the caption explains) and ``gain_topk`` (the mean of that
 gain over the top 10% of latent cells, over the empty-prompt loss: whether the caption explains one
-region). With ``--reference`` (the model the fine-tune started from) three more compare the
-fine-tune's loss with the reference's on the same noisy latents, cell by cell: ``ref_gain`` (1 - loss
-/ reference loss: how much fine-tuning taught this row), ``ref_gain_topk`` (the gain in the top 10%
-of cells over the reference loss: whether fine-tuning taught one region) and ``ref_gain_share``
-(those cells' share of the row's positive gain: how concentrated it is). The table gives each statistic's AUC per planted kind against the clean rows, unoriented:
-above 0.5 the kind scores higher, below 0.5 lower (1 - AUC separates as well the other way).
+region). With ``--reference`` (the model the fine-tune started from) the monitor's ``ref_gain`` and
+``ref_gain_topk`` compare the fine-tune's loss with the reference's on the same noisy latents
+(:func:`train.monitor.signals.reference_signals`). The table gives each statistic's AUC per planted
+kind against the clean rows, unoriented: above 0.5 the kind scores higher, below 0.5 lower (1 - AUC
+separates as well the other way).
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
 
     from launch.testbed.evaluate import load_pipeline
     from train.monitor.capture import AttentionCapture
-    from train.monitor.signals import be_signals, loss_signal, magnitude_signals, token_signals
+    from train.monitor.signals import (be_signals, loss_signal, magnitude_signals, reference_signals,
+                                       token_signals)
     from train.monitor.tokens import end_token_index
 
     pipe = load_pipeline(model)
@@ -85,13 +85,8 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
                          **magnitude_signals(pred, pred_empty, be),
                          "rel_gain": 1 - err.mean(1) / err_empty.mean(1).clamp_min(1e-12),
                          "gain_topk": gain.topk(k, dim=1).values.mean(1) / err_empty.mean(1).clamp_min(1e-12)}
-                if ref is not None:
-                    pred_ref = ref.unet(noisy, steps, encode(texts, ref)).sample
-                    err_ref = ((pred_ref - target) ** 2).sum(1).flatten(1)
-                    ref_gain, top = err_ref - err, (err_ref - err).topk(k, dim=1).values
-                    stats |= {"ref_gain": 1 - err.mean(1) / err_ref.mean(1).clamp_min(1e-12),
-                              "ref_gain_topk": top.mean(1) / err_ref.mean(1).clamp_min(1e-12),
-                              "ref_gain_share": top.clamp_min(0).sum(1) / ref_gain.clamp_min(0).sum(1).clamp_min(1e-12)}
+                if ref is not None:  # the monitor's ref_gain signals, at the probe's top 10%
+                    stats |= reference_signals(pred, ref.unet(noisy, steps, encode(texts, ref)).sample, target, 0.1)
                 for name, value in stats.items():
                     values.setdefault(f"{name}@{t}", []).append(value.float().numpy())
     capture.remove()

@@ -85,6 +85,12 @@ class MonitorConfig:
     # docs/detection.md)
     magnitude_every: int = bounded(0, ge=0)
     magnitude_samples: int = bounded(0, ge=0)  # per rank; 0 = the whole micro-batch
+    # the reference pass for ref_gain / ref_gain_topk (when listed in signals): every this many steps a
+    # no-grad forward of the model the fine-tune started from (a frozen copy of the UNet, or the
+    # LoRA fine-tune's own UNet with its adapters off) on the same noisy latents; 0 = never.
+    # A full fine-tune holds a second UNet in the compute dtype (docs/detection.md)
+    reference_every: int = bounded(0, ge=0)
+    reference_samples: int = bounded(0, ge=0)  # per rank; 0 = the whole micro-batch
     topk_frac: float = bounded(0.1, gt=0.0, le=1.0)
     t_bins: int = bounded(10, ge=1)
     length_edges: list[int] = field(default_factory=lambda: [4, 8, 12, 16, 24, 32, 48, 64])

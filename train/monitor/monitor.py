@@ -10,8 +10,8 @@ monitor (``be_map``, ``token_distribution``, ``capture_with_grad``, ``pause``), 
 
 Signals come from the training forward (attention over tokens, the loss, and the bright ending
 when ``be_mode=drawn`` and the drawn t is small) and from cheap no-grad extra passes: a probe at a
-fixed small t (``be_mode=probe``) and, every ``magnitude_every`` steps, the empty-prompt pass for
-the noise magnitude. Every rank gathers every rank's values and applies the same update, so the
+fixed small t (``be_mode=probe``), every ``magnitude_every`` steps the empty-prompt pass for the
+noise magnitude, and every ``reference_every`` steps the starting model's pass for ``ref_gain``. Every rank gathers every rank's values and applies the same update, so the
 ledger is identical everywhere without a broadcast.
 """
 
@@ -31,8 +31,8 @@ from train.monitor.detection import detection_by_kind
 from train.monitor.detector import load_heads
 from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.neighbours import embed, make_index, neighbour_signal
-from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, be_signals, loss_signal,
-                                   magnitude_signals, stack, token_signals)
+from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, REFERENCE_SIGNALS, be_signals, loss_signal,
+                                   magnitude_signals, reference_signals, stack, token_signals)
 from train.monitor.stats import BinnedStats
 from train.monitor.tokens import end_token_index, prompt_length
 
@@ -59,8 +59,12 @@ class StepRecord:
 
 class Monitor:
     def __init__(self, cfg: DictConfig, unet, tokenizer, text_encoder, noise_scheduler, *, num_samples: Optional[int],
-                 table=None, id_column: str = "sample_id", caption_column: str = "text"):
+                 table=None, id_column: str = "sample_id", caption_column: str = "text", reference=None):
         self.cfg, self.unet, self.tokenizer, self.text_encoder = cfg, unet, tokenizer, text_encoder
+        self.reference = reference  # train/monitor/reference.py: the ref_gain signals' pass
+        if reference is None and any(s in REFERENCE_SIGNALS for s in cfg.signals):
+            raise ValueError(f"monitor.signals lists {[s for s in cfg.signals if s in REFERENCE_SIGNALS]}, which need "
+                             "the reference pass: set monitor.reference_every (e.g. 4), or drop them")
         self.scheduler = noise_scheduler
         self.signals = tuple(cfg.signals)
         self.orientation = torch.tensor([ORIENTATION[s] for s in self.signals])
@@ -88,6 +92,7 @@ class Monitor:
         self.window_count = np.zeros(len(self.signals))
         self._empty_emb: Optional[torch.Tensor] = None
         self._lengths: Optional[torch.Tensor] = None
+        self._captions: list[str] = []
 
     # ------------------------------------------------------------------ per batch
 
@@ -95,6 +100,7 @@ class Monitor:
         self.capture.reset()
         self.capture.set_end_token_index(end_token_index(self.tokenizer, captions))
         self._lengths = prompt_length(self.tokenizer, captions)
+        self._captions = list(captions)
         self.capture.enabled = True
 
     # what others may ask of the capture of the forward that just ran
@@ -142,6 +148,14 @@ class Monitor:
             eps_uncond = self.unet(noisy[:m], timesteps[:m], self._empty(m, text_emb)).sample
             mags = magnitude_signals(pred[:m].detach(), eps_uncond, be_map[:m] if be_map is not None else None)
             values.update({k: _pad(v, B) for k, v in mags.items()})
+
+        if self.reference is not None and cfg.reference_every and step % cfg.reference_every == 0:
+            m = min(cfg.reference_samples or B, B)
+            pred_ref = self.reference(noisy[:m], timesteps[:m], text_emb[:m], self._captions[:m])
+            target = (self.scheduler.get_velocity(latents[:m], noise[:m], timesteps[:m])
+                      if self.scheduler.config.prediction_type == "v_prediction" else noise[:m])
+            gains = reference_signals(pred[:m].detach(), pred_ref, target, cfg.topk_frac)
+            values.update({k: _pad(v, B) for k, v in gains.items()})
 
         raw = stack(values, self.signals, B, device)
         bins = torch.stack([self.stats.bin_of(t_of[s].cpu(), self._lengths) for s in self.signals], 1)

@@ -15,6 +15,12 @@ suspicious" holds for all of them.
                     the running loss at similar noise (IET-AGC): memorized samples are fit too well
 - ``magnitude``     ||eps(x_t, c) - eps(x_t, "")||_2 (Wen et al.), every k steps on a subset
 - ``be_magnitude``  the same difference masked by the BE map: ||d * m||_2 / mean(m) (Chen et al.)
+- ``ref_gain``      1 - loss / the reference model's loss on the same noisy latent (the model the
+                    fine-tune started from): how much fine-tuning taught this row beyond what the base
+                    knew, a row's difficulty divided out (reference-calibrated membership scores);
+                    every ``reference_every`` steps (train/monitor/reference.py; opt-in)
+- ``ref_gain_topk`` that gain in the top ``topk_frac`` latent cells over the reference loss: whether
+                    fine-tuning taught one region (a copied stamp) rather than the whole picture
 - ``neighbours``    log(1 + the number of distinct rows seen so far whose pooled latent looks like this
                     row's): how often its picture recurs (train/monitor/neighbours.py; opt-in)
 """
@@ -28,11 +34,12 @@ import torch.nn.functional as F
 
 ORIENTATION = {
     "be_mass": +1.0, "be_topk": +1.0, "be_entropy": -1.0, "token_entropy": +1.0, "start_mass": +1.0,
-    "loss": -1.0, "magnitude": +1.0, "be_magnitude": +1.0, "neighbours": +1.0,
+    "loss": -1.0, "magnitude": +1.0, "be_magnitude": +1.0, "neighbours": +1.0, "ref_gain": +1.0, "ref_gain_topk": +1.0,
 }
 SIGNALS = tuple(ORIENTATION)
 BE_SIGNALS = ("be_mass", "be_topk", "be_entropy")
 MAGNITUDE_SIGNALS = ("magnitude", "be_magnitude")
+REFERENCE_SIGNALS = ("ref_gain", "ref_gain_topk")
 
 
 def be_signals(be_map: torch.Tensor, topk_frac: float = 0.1) -> dict[str, torch.Tensor]:
@@ -66,6 +73,16 @@ def magnitude_signals(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
         mask = F.interpolate(be_map[:, None].float(), size=diff.shape[-2:], mode="bilinear", align_corners=False)
         out["be_magnitude"] = (diff * mask).flatten(1).norm(dim=1) / mask.flatten(1).mean(1).clamp_min(1e-12)
     return out
+
+
+def reference_signals(pred: torch.Tensor, pred_ref: torch.Tensor, target: torch.Tensor,
+                      topk_frac: float = 0.1) -> dict[str, torch.Tensor]:
+    """The fine-tune's squared error against the reference's, per latent cell (summed over channels)."""
+    err = (pred.float() - target.float()).pow(2).sum(1).flatten(1)
+    err_ref = (pred_ref.float() - target.float()).pow(2).sum(1).flatten(1)
+    scale = err_ref.mean(1).clamp_min(1e-12)
+    k = max(1, round(topk_frac * err.shape[1]))
+    return {"ref_gain": 1 - err.mean(1) / scale, "ref_gain_topk": (err_ref - err).topk(k, dim=1).values.mean(1) / scale}
 
 
 def stack(values: dict[str, torch.Tensor], names: tuple[str, ...], batch: int, device) -> torch.Tensor:
