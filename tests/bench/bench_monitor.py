@@ -6,8 +6,9 @@ One process, one copy of the same UNet per variant, each with its own optimizer:
 monitor), `drawn` (BE read from the training forward; no extra pass), `probe10` (a no-grad probe
 pass at t=20 every 10th step), `magnitude` (probe10 plus the empty-prompt magnitude pass on every
 step, to price that pass alone), two lean settings, `default` (the config's monitor as shipped),
-`magnitude10` (the default plus the magnitude pass every 10th step, the earlier default) and
-`neighbours` (the default plus the online near-duplicate count). Every step runs all of them on the same batch, in a
+`magnitude10` (the default plus the magnitude pass every 10th step, the earlier default),
+`neighbours` (the default plus the online near-duplicate count) and `reference1` / `reference4`
+(the default plus the ref_gain signals, the starting UNet's pass on every / every 4th step). Every step runs all of them on the same batch, in a
 rotated order, so machine-load drift hits all alike; a step is the full training step (VAE
 encode, text encode, UNet forward, per-sample loss, monitor with its gather and ledger update,
 backward, clip, AdamW). We report samples/s over all timed steps (mean step time, because the
@@ -38,6 +39,7 @@ from train.config import load_config  # noqa: E402
 from train.finetune import encode_text, per_sample_loss  # noqa: E402
 from train.models import freeze, load_components  # noqa: E402
 from train.monitor.monitor import Monitor, StepRecord  # noqa: E402
+from train.monitor.reference import Reference, wants_reference  # noqa: E402
 
 VARIANTS = {
     "off": None,
@@ -52,6 +54,9 @@ VARIANTS = {
     # the default plus the online near-duplicate count (its index searched on each row's first sighting)
     "neighbours": ["monitor.signals=[be_mass,be_topk,be_entropy,token_entropy,start_mass,loss,magnitude,be_magnitude,"
                    "neighbours]"],
+    # the default plus ref_gain / ref_gain_topk: a frozen copy of the starting UNet run on every / every 4th step
+    **{f"reference{k}": ["monitor.signals=[be_mass,be_topk,be_entropy,token_entropy,start_mass,loss,magnitude,"
+                         f"be_magnitude,ref_gain,ref_gain_topk]", f"monitor.reference_every={k}"] for k in (1, 4)},
 }
 
 
@@ -80,8 +85,12 @@ def main() -> None:
             monitor = None
             if overrides is not None:
                 cfg = load_config(overrides=overrides)
+                reference = None
+                if wants_reference(cfg.monitor):  # the starting weights, frozen (what build_reference loads)
+                    reference = Reference(copy.deepcopy(parts.unet), adapters_off=False)
+                    freeze(reference.unet)
                 monitor = Monitor(cfg.monitor, unet, parts.tokenizer, parts.text_encoder, parts.noise_scheduler,
-                                  num_samples=data.num_samples, table=data.table)
+                                  num_samples=data.num_samples, table=data.table, reference=reference)
             runs[name] = (unet, monitor, torch.optim.AdamW(unet.parameters(), lr=1e-4), [])
         names = list(chosen)
         batches = iter(data.loader)
