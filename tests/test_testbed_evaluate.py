@@ -238,6 +238,21 @@ def test_cli_on_a_two_step_run(testbed, tmp_path, cache_dir):
     same = row_statistics(run / "final", root, [20], batch=8, reference=run / "final")[1]
     assert np.allclose(same["loss@20"], values["loss@20"], rtol=1e-4, atol=1e-6)
     assert np.allclose(same["ref_gain@20"], 0, atol=1e-5) and np.allclose(same["ref_gain_topk@20"], 0, atol=1e-5)
+    # the same as a map over generations (localize --reference): zero against itself, positive
+    # where the reference is worse (a reference whose UNet predicts zeros)
+    from launch.testbed.evaluate import load_pipeline
+    from launch.testbed.localize import ref_gain_maps
+    from launch.testbed.reading import load_image
+
+    pipe, texts = load_pipeline(run / "final"), [r["text"] for r in rows[:2]]
+    images = np.stack([[load_image(root, r["file_name"])] * 2 for r in rows[:2]])  # 2 prompts x 2 seeds
+    own = ref_gain_maps(pipe, pipe, images, texts)
+    latent = pipe.unet.config.sample_size
+    assert own.shape == (2, 2, latent, latent) and np.allclose(own, 0, atol=1e-5)
+    blind = load_pipeline(run / "final")
+    for q in blind.unet.conv_out.parameters():
+        q.data.zero_()
+    assert (ref_gain_maps(pipe, blind, images, texts) > 0).mean() > 0.5
     # a statistic that is the planted indicator separates its kind perfectly; a constant does not
     marker = np.array([g == "global" for g in groups], dtype=float)
     table = auc_table(groups, {"marker": marker, "constant": np.zeros(len(groups))})

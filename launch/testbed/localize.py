@@ -1,13 +1,16 @@
 """Does the bright-ending map outline what a local replica copied? IoU per region kind.
 
-``python -m launch.testbed.localize --model RUN/final [--testbed DIR] [--seeds 4] [--per-group 6] [--out FILE.json]``
+``python -m launch.testbed.localize --model RUN/final [--testbed DIR] [--seeds 4] [--per-group 6] [--reference BASE/final] [--out FILE.json]``
 
 Generates the region kinds' prompts (local stamps, v6 cards and moving stamps: ``--per-group``
 rows per stamp or card), clean prompts and the held-out calibration prompts with the audit's
 sampler (:func:`train.evaluate.sampling.generate_with_capture`), which gives both maps
 localization can read: the bright-ending map of the last denoising step (``be``) and the region
 map ``be_magnitude`` (the BE map weighted by the early text-conditional difference; ``eval.region_map``),
-judges the generations as ``python -m launch.testbed.evaluate`` does
+and, with ``--reference`` (the model the fine-tune started from), ``ref_gain``: each generation
+noised again and denoised by both models, the map of latent cells where the fine-tune's error is
+below the reference's (what fine-tuning taught, cell by cell: the monitor's ``ref_gain_topk`` as a
+map). It judges the generations as ``python -m launch.testbed.evaluate`` does
 (:func:`launch.testbed.evaluate.score`), and reports, per map and kind, over the generations that
 ARE local replicas:
 
@@ -70,6 +73,49 @@ def seed_maps(images: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:
             for name, agreement in (("be_magnitude_seeds", False), ("be_magnitude_agreement", True))}
 
 
+def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timesteps=(100, 300),
+                  batch: int = 64) -> np.ndarray:
+    """(P, S, h, w): per generation, the reference's squared error less the fine-tune's per latent
+    cell (clipped at 0), summed over ``timesteps``, with noise fixed per generation. Both read the
+    image through the fine-tune's VAE (fine-tuning leaves it frozen), each with its own text encoder."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from launch.testbed.evaluate import _torch_generator
+
+    P, S = images.shape[:2]
+    flat = images.reshape(P * S, *images.shape[2:])
+    prompts = [texts[i] for i in range(P) for _ in range(S)]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def encode(model, chunk: list[str]):
+        ids = model.tokenizer(chunk, padding="max_length", max_length=model.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+        return model.text_encoder(ids)[0]
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(flat), batch):
+            pixels = torch.from_numpy(flat[start:start + batch]).permute(0, 3, 1, 2)
+            latents = pipe.vae.encode(pixels * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+            chunk = prompts[start:start + batch]
+            cond, cond_ref = encode(pipe, chunk), encode(reference, chunk)
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=_torch_generator(f"ref-gain|{start + j}"))
+                                 for j in range(len(chunk))])
+            gain = torch.zeros(latents.shape[0], *latents.shape[2:])
+            for t in timesteps:
+                steps = torch.full((len(chunk),), t, dtype=torch.long)
+                noisy = scheduler.add_noise(latents, noise, steps)
+                target = (scheduler.get_velocity(latents, noise, steps)
+                          if scheduler.config.prediction_type == "v_prediction" else noise)
+                err = (pipe.unet(noisy, steps, cond).sample - target).pow(2).sum(1)
+                err_ref = (reference.unet(noisy, steps, cond_ref).sample - target).pow(2).sum(1)
+                gain += (err_ref - err).clamp_min(0)
+            out.append(gain.numpy())
+    joined = np.concatenate(out)
+    return joined.reshape(P, S, *joined.shape[1:])
+
+
 def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path, result: dict | None = None) -> dict:
     """Per region kind: IoU of the map on local replicas and the two baselines (module doc).
     ``result``: the generations' judgement (:func:`score`), when several maps share it."""
@@ -117,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0,
                    help="draw: which rows per stamp and which clean rows (as evaluate --seed), sampler seeds from seed x seeds")
+    p.add_argument("--reference", help="the pipeline the fine-tune started from: adds the ref_gain map")
     p.add_argument("--out", help="also write the result here (JSON)")
     a = p.parse_args(argv)
     root = Path(a.testbed) if a.testbed else testbed_of_run(a.model)
@@ -125,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.model)
     images, maps = generate(pipe, [q.text for q in prompts], a.seeds, int(read_manifest(root)["params"]["resolution"]),
                             a.steps, a.guidance, first_seed=a.seed * a.seeds)
+    if a.reference:
+        maps["ref_gain"] = ref_gain_maps(pipe, load_pipeline(a.reference), images, [q.text for q in prompts])
     judged = score(images, prompts, root)  # one judgement; each map is read against the same replicas
     result = {kind: localization(images, m, prompts, root, judged) for kind, m in maps.items()}
     text = json.dumps(result, indent=1)
