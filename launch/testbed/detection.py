@@ -2,7 +2,7 @@
 
 ``python -m launch.testbed.detection --run RUN [--epoch0 RUN0] [--out table.md]``
 
-For each memorization kind (global, local) vs clean: AUC and TPR@1%FPR of the combined ledger
+For each planted kind in the run's data vs clean: AUC and TPR@1%FPR of the combined ledger
 score and of every signal's running mean, and beside them
 * the token-count baseline: the AUC of the caption's token count alone (a signal that only
   follows caption length "detects" captions, not memorization), and
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from train.monitor.detection import detection_by_kind
 
-KINDS = ("global", "local")  # the testbed's planted kinds, each scored against its clean rows
+# the testbed's planted kinds (v5: global, local; v6 adds the rest), each scored against its clean rows
+KINDS = ("global", "near_global", "caption_dup", "local", "template", "moving_local")
 
 
 def load(run: Path) -> dict[str, np.ndarray]:
