@@ -311,3 +311,19 @@ def test_detection_table_reports_signals_and_baselines(tmp_path):
     assert g["signals"]["loss"]["auc"] == 0.0 and g["median_first_flagged_step"] == 7
     assert g["token_count_auc"] == 0.5 and loc["token_count_auc"] == 1.0  # local captions are longer here
     assert "| score | 1.000 | 1.000 | 1.000 |" in markdown(result)
+
+    # --history: per snapshot, the AUC of each signal; the score separates only in the later one
+    from launch.testbed.detection import history_table
+
+    with pytest.raises(FileNotFoundError, match="history_every"):
+        history_table(run, ["score"])
+    (run / "ledger_history").mkdir()
+    for step, values in ((250, rng.normal(size=60)), (500, score)):
+        pq.write_table(pa.table({"group": groups, "score": values, "loss_mean": -values}),
+                       run / "ledger_history" / f"step-{step:07d}.parquet")
+    lines = history_table(run, ["score", "loss"])
+    table = lines[lines.index("**global vs clean**, AUC per ledger snapshot"):]
+    assert table[4].startswith("| 500 | 1.000 | 0.000 |") and not table[3].startswith("| 250 | 1.000")
+    assert "**local vs clean**, AUC per ledger snapshot" in lines
+    with pytest.raises(KeyError, match="ref_gain"):
+        history_table(run, ["ref_gain"])

@@ -1,6 +1,7 @@
 """How well a run's ledger separates planted samples from clean ones, next to the two baselines.
 
 ``python -m launch.testbed.detection --run RUN [--epoch0 RUN0] [--out table.md]``
+``python -m launch.testbed.detection --run RUN --history [--signals score loss ...]``
 
 For each planted kind in the run's data vs clean: AUC and TPR@1%FPR of the combined ledger
 score and of every signal's running mean, and beside them
@@ -8,7 +9,9 @@ score and of every signal's running mean, and beside them
   follows caption length "detects" captions, not memorization), and
 * the same signal's AUC in ``--epoch0``, a ledger from the first epoch of the same fine-tune
   (before the model could memorize the planted copies).
-Also the step at which each group's median sample was first flagged.
+Also the step at which each group's median sample was first flagged. ``--history`` reads the
+run's ledger snapshots instead (``monitor.history_every``) and gives, per kind, each signal's AUC at
+every snapshot: from when on a signal separates the kind.
 """
 
 from __future__ import annotations
@@ -77,6 +80,32 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
     return result
 
 
+def history_table(run: Path, signals: list[str]) -> list[str]:
+    """Markdown: per planted kind, a row per ledger snapshot with each signal's AUC against clean rows."""
+    snapshots = sorted((Path(run) / "ledger_history").glob("step-*.parquet"))
+    if not snapshots:
+        raise FileNotFoundError(f"{run}/ledger_history holds no snapshots: train with monitor.history_every=N")
+    per_step = []
+    for path in snapshots:
+        led = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
+        missing = [s for s in signals if s != "score" and f"{s}_mean" not in led]
+        if missing:
+            raise KeyError(f"{path.name} has no {missing}; its signals: {sorted(k[:-5] for k in led if k.endswith('_mean'))}")
+        aucs = {s: detection_by_kind(led["score" if s == "score" else f"{s}_mean"].astype(float), led["group"], "clean",
+                                     KINDS) for s in signals}
+        per_step.append((int(path.stem.split("-")[1]), aucs))
+    lines = []
+    for kind in KINDS:
+        if kind not in per_step[0][1][signals[0]]:
+            continue
+        lines += [f"**{kind} vs clean**, AUC per ledger snapshot", "",
+                  "| step | " + " | ".join(signals) + " |", "|---|" + "---|" * len(signals)]
+        lines += [f"| {step} | " + " | ".join(f"{aucs[s][kind]['auc']:.3f}" for s in signals) + " |"
+                  for step, aucs in per_step]
+        lines.append("")
+    return lines
+
+
 def markdown(result: dict) -> str:
     lines = []
     for kind, info in result["kinds"].items():
@@ -98,7 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--epoch0", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--history", action="store_true", help="AUC per ledger snapshot (monitor.history_every)")
+    parser.add_argument("--signals", nargs="+", default=["score", "loss"], help="--history: which columns")
     args = parser.parse_args(argv)
+    if args.history:
+        text = "\n".join(history_table(args.run, args.signals))
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     result = detection_table(args.run, args.epoch0)
     text = markdown(result)
     print(text)
