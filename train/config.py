@@ -246,7 +246,7 @@ def validate(cfg: DictConfig) -> None:
     if v.every > 0 and not v.prompts:
         raise ConfigError("validation.every > 0 needs validation.prompts")
     mon = cfg.monitor
-    from train.monitor.signals import SIGNALS
+    from train.monitor.signals import REFERENCE_SIGNALS, SIGNALS
 
     unknown = [s for s in list(mon.signals) + list(mon.signal_weights) if s not in SIGNALS]
     if unknown:
@@ -259,6 +259,10 @@ def validate(cfg: DictConfig) -> None:
     if "neighbours" in mon.signals and mon.neighbours.embedding == "sscd-torchscript" and not mon.neighbours.sscd_model:
         raise ConfigError("monitor.neighbours.embedding=sscd-torchscript needs monitor.neighbours.sscd_model "
                           "(the TorchScript file)")
+    wanted = [s for s in mon.signals if s in REFERENCE_SIGNALS]
+    if wanted and not mon.reference_every:
+        raise ConfigError(f"monitor.signals lists {', '.join(wanted)}, which need the starting model's pass: set "
+                          "monitor.reference_every (configs/monitor/reference.yaml: 4), or drop them")
     if mon.flag.probability_off > mon.flag.probability:
         raise ConfigError("monitor.flag.probability_off must be <= monitor.flag.probability (hysteresis)")
     if mon.flag.quantile > mon.flag.quantile_off:

@@ -11,8 +11,9 @@ monitor (``be_map``, ``token_distribution``, ``capture_with_grad``, ``pause``), 
 Signals come from the training forward (attention over tokens, the loss, and the bright ending
 when ``be_mode=drawn`` and the drawn t is small) and from cheap no-grad extra passes: a probe at a
 fixed small t (``be_mode=probe``), every ``magnitude_every`` steps the empty-prompt pass for the
-noise magnitude, and every ``reference_every`` steps the starting model's pass for ``ref_gain``. Every rank gathers every rank's values and applies the same update, so the
-ledger is identical everywhere without a broadcast.
+noise magnitude, and every ``reference_every`` steps the starting model's pass for ``ref_gain``.
+Every rank gathers every rank's values and applies the same update, so the ledger is identical
+everywhere without a broadcast.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ class Monitor:
                  table=None, id_column: str = "sample_id", caption_column: str = "text", reference=None):
         self.cfg, self.unet, self.tokenizer, self.text_encoder = cfg, unet, tokenizer, text_encoder
         self.reference = reference  # train/monitor/reference.py: the ref_gain signals' pass
-        if reference is None and any(s in REFERENCE_SIGNALS for s in cfg.signals):
-            raise ValueError(f"monitor.signals lists {[s for s in cfg.signals if s in REFERENCE_SIGNALS]}, which need "
-                             "the reference pass: set monitor.reference_every (e.g. 4), or drop them")
+        if reference is None and cfg.reference_every and any(s in REFERENCE_SIGNALS for s in cfg.signals):
+            raise ValueError("monitor.reference_every is set: pass the starting model (train/monitor/reference.py)")
         self.scheduler = noise_scheduler
         self.signals = tuple(cfg.signals)
         self.orientation = torch.tensor([ORIENTATION[s] for s in self.signals])

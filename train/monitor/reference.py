@@ -12,6 +12,7 @@ fine-tunes only), the reference encodes the captions with a frozen copy of the s
 from __future__ import annotations
 
 import logging
+
 import torch
 from omegaconf import DictConfig
 
@@ -67,4 +68,3 @@ def build_reference(model_cfg: DictConfig, resolution: int, unet, *, lora: bool,
 def wants_reference(cfg: DictConfig) -> bool:
     """Whether the monitor config asks for the reference pass."""
     return bool(cfg.enabled and cfg.reference_every and any(s in REFERENCE_SIGNALS for s in cfg.signals))
-
