@@ -13,7 +13,6 @@ from train.monitor.detection import detection_metrics
 from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.signals import be_signals, magnitude_signals, reference_signals, token_signals
 from train.monitor.stats import BinnedStats
-from train.util import ConfigError
 
 
 def test_binned_stats_match_each_bins_own_mean_and_std():
@@ -147,7 +146,7 @@ def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cac
 def test_reference_signals_without_the_reference_pass_are_refused(tmp_path, cache_dir):
     from train.finetune import main
 
-    with pytest.raises(ConfigError, match="reference_every"):
+    with pytest.raises(SystemExit, match="monitor.signals lists ref_gain, which need .* monitor.reference_every"):
         main(fast_overrides(cache_dir, tmp_path / "run", **{"monitor.signals": "[loss,ref_gain]"}))
 
 
