@@ -29,7 +29,10 @@ def test_ddp_two_ranks_train_in_step_with_one_run_directory(tmp_path, cache_dir)
     launch(["--config_file", str(REPO / "launch" / "cpu_ddp.yaml")],
            fast_overrides(cache_dir, run, **{"train.max_steps": 4, "train.checkpoint_every": 2,
                                              # a mitigation whose state comes from every rank's losses
-                                             "mitigate.agc.enabled": "true", "mitigate.agc.t_bins": 1}), 29611)
+                                             "mitigate.agc.enabled": "true", "mitigate.agc.t_bins": 1,
+                                             # the starting model's pass on every rank (no collective in it)
+                                             "monitor.signals": "[be_mass,loss,ref_gain,ref_gain_topk]",
+                                             "monitor.reference_every": 2}), 29611)
     rows = read_metrics(run)
     losses = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in losses] == [1, 2, 3, 4]  # one writer, one row per step
@@ -38,6 +41,8 @@ def test_ddp_two_ranks_train_in_step_with_one_run_directory(tmp_path, cache_dir)
     assert [r["dist/world_size"] for r in sync] == [2, 2] and all(r["dist/weights_divergence"] == 0.0 for r in sync)
     # the monitor's gather really crossed ranks: the ledger saw both ranks' samples (32 = the whole set)
     assert losses[-1]["memo/observed"] == 32
+    # the passes at steps 0 and 2 (optimizer steps done before the batch) show in log lines 1 and 3
+    assert [r["step"] for r in losses if "memo/ref_gain" in r] == [1, 3]
     # agc's running loss average was fed by both ranks' samples and saved with the checkpoint
     state = json.loads((run / "checkpoints" / "checkpoint-4" / "train_state.json").read_text())
     assert state["extra"]["mitigate"]["agc"]["seen"] == [True] and "mitig/agc_skipped" in losses[-1]
