@@ -32,8 +32,8 @@ from train.config import parse_args, save_config
 from train.evaluate.hook import run_eval_hook
 from train.evaluate.validation import validation_images
 from train.mitigate import BuildContext, Mitigations, MitigationStep, build_mitigations
-from train.models import (ModelError, add_lora, freeze, load_components, merged_unet, save_lora, save_pipeline,
-                          trainable_parameters, unet_fingerprint, weight_dtype)
+from train.models import (ModelError, add_lora, encode_text, freeze, load_components, merged_unet, save_lora,
+                          save_pipeline, trainable_parameters, unet_fingerprint, weight_dtype)
 from train.monitor.monitor import LEDGER_FILE, Monitor, StepRecord
 from train.monitor.reference import build_reference, wants_reference
 from train.tracking import Tracker
@@ -270,12 +270,6 @@ def captions_for_batch(batch: dict, seed: int, caption_dropout: float) -> list[s
         return list(batch["text"])
     return ["" if random.Random(seed_of(seed, "caption-dropout", batch["epoch"], sid)).random() < caption_dropout
             else text for text, sid in zip(batch["text"], batch["sample_id"])]
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, return_dict=False)[0]
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,

@@ -367,6 +367,13 @@ def add_lora(unet, cfg: DictConfig, seed: int) -> None:
                                         init_lora_weights="gaussian", target_modules=list(cfg.targets)))
 
 
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    """The text encoder's hidden states for ``captions``, padded and truncated as in training."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids, return_dict=False)[0]
+
+
 def trainable_parameters(model) -> list:
     """The parameters that train (all of a full fine-tune, the adapters of a LoRA one): what the
     optimizer, EMA and gradient clipping see."""

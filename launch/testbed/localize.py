@@ -82,6 +82,7 @@ def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timeste
     from diffusers import DDPMScheduler
 
     from launch.testbed.evaluate import _torch_generator
+    from train.models import encode_text
 
     P, S = images.shape[:2]
     flat = images.reshape(P * S, *images.shape[2:])
@@ -89,9 +90,7 @@ def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timeste
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def encode(model, chunk: list[str]):
-        ids = model.tokenizer(chunk, padding="max_length", max_length=model.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-        return model.text_encoder(ids)[0]
+        return encode_text(model.tokenizer, model.text_encoder, chunk, "cpu")
 
     out = []
     with torch.no_grad():

@@ -36,6 +36,7 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
     from diffusers import DDPMScheduler
 
     from launch.testbed.evaluate import load_pipeline
+    from train.models import encode_text
     from train.monitor.capture import AttentionCapture
     from train.monitor.signals import (be_signals, loss_signal, magnitude_signals, reference_signals,
                                        token_signals)
@@ -47,9 +48,7 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
     rows = list({r["sample_id"]: r for r in read_rows(root, split="train")}.values())
 
     def encode(texts: list[str], pipeline=pipe):
-        ids = pipeline.tokenizer(texts, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-        return pipeline.text_encoder(ids)[0]
+        return encode_text(pipeline.tokenizer, pipeline.text_encoder, texts, "cpu")
 
     # the reference reads the same latents (its VAE is the fine-tune's: fine-tuning leaves it frozen)
     # with its own text encoder and tokenizer, which fine-tuning may have changed

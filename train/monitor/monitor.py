@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from train.models import encode_text
 from train.monitor.capture import AttentionCapture
 from train.monitor.detection import detection_by_kind
 from train.monitor.detector import load_heads
@@ -205,9 +206,7 @@ class Monitor:
 
     def _empty(self, m: int, text_emb: torch.Tensor) -> torch.Tensor:
         if self._empty_emb is None or self.text_encoder.training:
-            ids = self.tokenizer([""], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(text_emb.device)
-            self._empty_emb = self.text_encoder(ids, return_dict=False)[0].to(text_emb.dtype)
+            self._empty_emb = encode_text(self.tokenizer, self.text_encoder, [""], text_emb.device).to(text_emb.dtype)
         return self._empty_emb.expand(m, -1, -1)
 
     def _batch_slots(self, batch: dict) -> np.ndarray:

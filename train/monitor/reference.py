@@ -16,7 +16,7 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from train.models import freeze, load_components
+from train.models import encode_text, freeze, load_components
 from train.monitor.signals import REFERENCE_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,7 @@ class Reference:
     def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
                  captions: list[str]) -> torch.Tensor:
         if self.text_encoder is not None:
-            ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(noisy.device)
-            text_emb = self.text_encoder(ids, return_dict=False)[0]
+            text_emb = encode_text(self.tokenizer, self.text_encoder, captions, noisy.device)
         dtype = next(self.unet.parameters()).dtype
         if not self.adapters_off:
             return self.unet(noisy.to(dtype), timesteps, text_emb.to(dtype)).sample
