@@ -270,3 +270,16 @@ def test_seed_maps_mark_what_every_seed_of_a_prompt_draws_alike():
     assert np.allclose(seeds[0, 0], seeds[0, 2]) and np.isclose(seeds[0, 0].sum(), 1.0)
     top = np.argsort(agreement[0, 0].ravel())[-16:]
     assert sorted(top.tolist()) == sorted((r * 16 + c) for r in range(4) for c in range(4))
+
+
+def test_joint_map_keeps_only_where_both_maps_point():
+    """One map lights the top-left quarter, the other the top half: their product is the top-left
+    quarter; maps on different grids are refused."""
+    from launch.testbed.localize import joint_map
+
+    left, top = np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4))
+    left[..., :, :2], top[..., :2, :] = 1.0, 1.0
+    joint = joint_map(left, top)
+    assert (joint[0, 0, :2, :2] > 0).all() and joint[0, 0].sum() == joint[0, 0, :2, :2].sum()
+    with pytest.raises(ValueError, match="one grid"):
+        joint_map(left, np.zeros((1, 1, 8, 8)))

@@ -10,7 +10,8 @@ map ``be_magnitude`` (the BE map weighted by the early text-conditional differen
 and, with ``--reference`` (the model the fine-tune started from), ``ref_gain``: each generation
 noised again and denoised by both models, the map of latent cells where the fine-tune's error is
 below the reference's (what fine-tuning taught, cell by cell: the monitor's ``ref_gain_topk`` as a
-map). It judges the generations as ``python -m launch.testbed.evaluate`` does
+map), and ``agreement_x_ref_gain``, the two maps multiplied (:func:`joint_map`). It judges the
+generations as ``python -m launch.testbed.evaluate`` does
 (:func:`launch.testbed.evaluate.score`), and reports, per map and kind, over the generations that
 ARE local replicas:
 
@@ -115,6 +116,17 @@ def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timeste
     return joined.reshape(P, S, *joined.shape[1:])
 
 
+def joint_map(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Where two maps of the same grid agree: each normalized to sum 1 per generation, multiplied."""
+    if first.shape != second.shape:
+        raise ValueError(f"joint_map needs maps on one grid, got {first.shape} and {second.shape}")
+
+    def unit(m: np.ndarray) -> np.ndarray:
+        return m / np.maximum(m.sum(axis=(-2, -1), keepdims=True), 1e-12)
+
+    return unit(first) * unit(second)
+
+
 def localization(images: np.ndarray, maps: np.ndarray, prompts, root: str | Path, result: dict | None = None) -> dict:
     """Per region kind: IoU of the map on local replicas and the two baselines (module doc).
     ``result``: the generations' judgement (:func:`score`), when several maps share it."""
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                             a.steps, a.guidance, first_seed=a.seed * a.seeds)
     if a.reference:
         maps["ref_gain"] = ref_gain_maps(pipe, load_pipeline(a.reference), images, [q.text for q in prompts])
+        maps["agreement_x_ref_gain"] = joint_map(maps["be_magnitude_agreement"], maps["ref_gain"])
     judged = score(images, prompts, root)  # one judgement; each map is read against the same replicas
     result = {kind: localization(images, m, prompts, root, judged) for kind, m in maps.items()}
     text = json.dumps(result, indent=1)
