@@ -13,6 +13,7 @@ from train.monitor.detection import detection_metrics
 from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.signals import be_signals, magnitude_signals, reference_signals, token_signals
 from train.monitor.stats import BinnedStats
+from train.util import ConfigError
 
 
 def test_binned_stats_match_each_bins_own_mean_and_std():
@@ -115,11 +116,12 @@ def test_reference_gain_on_hand_made_predictions():
     assert worse["ref_gain"].item() == pytest.approx(-3.0)  # 16 per cell against 4
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cache_dir, lora):
+@pytest.mark.parametrize("kind", ["full", "full_text_encoder", "lora"])
+def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cache_dir, kind):
     """The reference is the starting model, so the first step's gain is exactly 0 (the weights have
     not moved); training on the same 8 rows for a few steps makes it positive. A resumed run compares
-    with the starting weights, not the checkpoint's."""
+    with the starting weights, not the checkpoint's (with a trained text encoder, its starting copy
+    encodes the captions for the reference)."""
     from conftest import read_metrics
 
     from train.finetune import main
@@ -127,8 +129,10 @@ def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cac
     extra = {"monitor.signals": "[loss,ref_gain,ref_gain_topk]", "monitor.reference_every": 1,
              "monitor.stats_warmup": 1, "data.shapes.num_samples": 8, "train.lr": 3e-3, "train.max_steps": 8,
              "train.checkpoint_every": 4, "train.lr_scheduler": "constant"}
-    if lora:
+    if kind == "lora":
         extra |= {"train.lora.rank": 4, "train.lr": 3e-2}
+    if kind == "full_text_encoder":
+        extra |= {"train.text_encoder": "true"}
     run = main(fast_overrides(cache_dir, tmp_path / "run", **extra))
     gains = {row["step"]: row["memo/ref_gain"] for row in read_metrics(run) if "memo/ref_gain" in row}
     assert sorted(gains) == list(range(1, 9))
@@ -141,6 +145,26 @@ def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cac
     resumed = main(fast_overrides(cache_dir, tmp_path / "half", **{**extra, "train.resume": "latest"}))
     again = {row["step"]: row["memo/ref_gain"] for row in read_metrics(resumed) if "memo/ref_gain" in row}
     assert all(again[s] == pytest.approx(gains[s], abs=1e-5) for s in (5, 6, 7, 8)), (again, gains)
+
+
+def test_reference_pass_with_lora_under_zero3_is_refused():
+    """A LoRA reference switches the adapters off on the training UNet, which ZeRO-3 partitions.
+    (The engine is faked: ZeRO-3 is checked before anything is launched.)"""
+    from types import SimpleNamespace
+
+    from train.config import load_config
+    from train.finetune import check_engine
+
+    cfg = load_config(overrides=["train.lora.rank=4", "monitor.signals=[loss,ref_gain]", "monitor.reference_every=4",
+                                 "validation.prompts=[]", "eval.every=0", "train.use_ema=false"])  # ZeRO-3's other refusals
+    engine = lambda stage: SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(  # noqa: E731
+        zero_stage=stage)), device=torch.device("cpu"))
+    assert check_engine(cfg, engine(2)) == 2
+    with pytest.raises(ConfigError, match="ZeRO-3 partitions"):
+        check_engine(cfg, engine(3))
+    cfg.monitor.reference_every = 0
+    cfg.monitor.signals = ["loss"]
+    assert check_engine(cfg, engine(3)) == 3
 
 
 def test_reference_signals_without_the_reference_pass_are_refused(tmp_path, cache_dir):

@@ -98,6 +98,9 @@ def check_engine(cfg: DictConfig, accelerator) -> int:
     if stage == 3 and cfg.validation.prompts:
         raise ConfigError("validation.prompts are not supported with DeepSpeed ZeRO-3; use the audit "
                           "on a saved checkpoint instead")
+    if stage == 3 and cfg.train.lora.rank and wants_reference(cfg.monitor):
+        raise ConfigError("monitor.reference_every with train.lora switches the adapters off on the training "
+                          "UNet, whose weights ZeRO-3 partitions; use ZeRO-2 or DDP for the ref_gain signals")
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
     return stage
@@ -487,10 +490,11 @@ def run(cfg: DictConfig) -> Path:
     monitor = None
     if cfg.monitor.enabled:  # the ledger has a row per table row (or grows with a stream)
         reference = None
-        if wants_reference(cfg.monitor):  # the starting model, for the ref_gain signals
-            reference = build_reference(cfg.model, cfg.data.resolution, accelerator.unwrap_model(m.unet),
-                                        lora=bool(tcfg.lora.rank), text_encoder_trained=tcfg.text_encoder,
-                                        device=accelerator.device, dtype=m.dtype)
+        if wants_reference(cfg.monitor):  # the starting model, for the ref_gain signals, loaded whole
+            with zero3_init_disabled(accelerator.state.deepspeed_plugin):
+                reference = build_reference(cfg.model, cfg.data.resolution, accelerator.unwrap_model(m.unet),
+                                            lora=bool(tcfg.lora.rank), text_encoder_trained=tcfg.text_encoder,
+                                            device=accelerator.device, dtype=m.dtype)
         monitor = Monitor(cfg.monitor, accelerator.unwrap_model(m.unet), m.parts.tokenizer,
                           accelerator.unwrap_model(m.text_encoder), m.parts.noise_scheduler,
                           num_samples=None if streaming else len(table), table=table, id_column=data_cfg.id_column,

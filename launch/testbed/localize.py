@@ -84,6 +84,7 @@ def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timeste
 
     from launch.testbed.evaluate import _torch_generator
     from train.models import encode_text
+    from train.monitor.signals import cell_error
 
     P, S = images.shape[:2]
     flat = images.reshape(P * S, *images.shape[2:])
@@ -108,9 +109,8 @@ def ref_gain_maps(pipe, reference, images: np.ndarray, texts: list[str], timeste
                 noisy = scheduler.add_noise(latents, noise, steps)
                 target = (scheduler.get_velocity(latents, noise, steps)
                           if scheduler.config.prediction_type == "v_prediction" else noise)
-                err = (pipe.unet(noisy, steps, cond).sample - target).pow(2).sum(1)
-                err_ref = (reference.unet(noisy, steps, cond_ref).sample - target).pow(2).sum(1)
-                gain += (err_ref - err).clamp_min(0)
+                err = cell_error(pipe.unet(noisy, steps, cond).sample, target)
+                gain += (cell_error(reference.unet(noisy, steps, cond_ref).sample, target) - err).clamp_min(0)
             out.append(gain.numpy())
     joined = np.concatenate(out)
     return joined.reshape(P, S, *joined.shape[1:])

@@ -38,7 +38,7 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
     from launch.testbed.evaluate import load_pipeline
     from train.models import encode_text
     from train.monitor.capture import AttentionCapture
-    from train.monitor.signals import (be_signals, loss_signal, magnitude_signals, reference_signals,
+    from train.monitor.signals import (be_signals, cell_error, loss_signal, magnitude_signals, reference_signals,
                                        token_signals)
     from train.monitor.tokens import end_token_index
 
@@ -77,7 +77,7 @@ def row_statistics(model: str | Path, root: str | Path, timesteps: list[int], ba
                 be, tokens = capture.be_map(), capture.token_distribution()
                 with capture.recording(False):
                     pred_empty = unet(noisy, steps, empty.expand(len(chunk), -1, -1)).sample
-                err, err_empty = ((pred - target) ** 2).sum(1).flatten(1), ((pred_empty - target) ** 2).sum(1).flatten(1)
+                err, err_empty = cell_error(pred, target).flatten(1), cell_error(pred_empty, target).flatten(1)
                 gain = err_empty - err
                 k = max(1, gain.shape[1] // 10)
                 stats = {**be_signals(be), **token_signals(tokens), **loss_signal(err.mean(1)),

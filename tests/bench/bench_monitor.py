@@ -39,7 +39,7 @@ from train.config import load_config  # noqa: E402
 from train.finetune import encode_text, per_sample_loss  # noqa: E402
 from train.models import freeze, load_components  # noqa: E402
 from train.monitor.monitor import Monitor, StepRecord  # noqa: E402
-from train.monitor.reference import Reference, wants_reference  # noqa: E402
+from train.monitor.reference import build_reference, wants_reference  # noqa: E402
 
 VARIANTS = {
     "off": None,
@@ -86,9 +86,9 @@ def main() -> None:
             if overrides is not None:
                 cfg = load_config(overrides=overrides)
                 reference = None
-                if wants_reference(cfg.monitor):  # the starting weights, frozen (what build_reference loads)
-                    reference = Reference(copy.deepcopy(parts.unet), adapters_off=False)
-                    freeze(reference.unet)
+                if wants_reference(cfg.monitor):  # the starting weights again, frozen, as a run keeps them
+                    reference = build_reference(base.model, base.data.resolution, unet, lora=False,
+                                                text_encoder_trained=False, device="cpu", dtype=torch.float32)
                 monitor = Monitor(cfg.monitor, unet, parts.tokenizer, parts.text_encoder, parts.noise_scheduler,
                                   num_samples=data.num_samples, table=data.table, reference=reference)
             runs[name] = (unet, monitor, torch.optim.AdamW(unet.parameters(), lr=1e-4), [])

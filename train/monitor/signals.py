@@ -75,11 +75,15 @@ def magnitude_signals(eps_cond: torch.Tensor, eps_uncond: torch.Tensor,
     return out
 
 
+def cell_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] squared error per latent cell, summed over channels."""
+    return (pred.float() - target.float()).pow(2).sum(1)
+
+
 def reference_signals(pred: torch.Tensor, pred_ref: torch.Tensor, target: torch.Tensor,
                       topk_frac: float = 0.1) -> dict[str, torch.Tensor]:
-    """The fine-tune's squared error against the reference's, per latent cell (summed over channels)."""
-    err = (pred.float() - target.float()).pow(2).sum(1).flatten(1)
-    err_ref = (pred_ref.float() - target.float()).pow(2).sum(1).flatten(1)
+    """The fine-tune's squared error against the reference's, cell by cell (:func:`cell_error`)."""
+    err, err_ref = cell_error(pred, target).flatten(1), cell_error(pred_ref, target).flatten(1)
     scale = err_ref.mean(1).clamp_min(1e-12)
     k = max(1, round(topk_frac * err.shape[1]))
     return {"ref_gain": 1 - err.mean(1) / scale, "ref_gain_topk": (err_ref - err).topk(k, dim=1).values.mean(1) / scale}
