@@ -146,3 +146,17 @@ def test_a_ledger_saved_without_moving_averages_is_not_resumed_with_them():
     recent.update(np.array([0]), np.full((1, 1), 2.0, np.float32), 0)
     again.load_tensors(recent.state_tensors())
     np.testing.assert_array_equal(again.sig_recent, recent.sig_recent)
+
+
+def test_monitor_heads_names_a_shipped_set_or_a_file_and_refuses_a_missing_one(tmp_path):
+    from train.config import ConfigError, load_config
+    from train.monitor.detector import DETECTOR_FILE, heads_file
+
+    assert heads_file(None) == heads_file("default") == DETECTOR_FILE
+    own = tmp_path / "mine.json"
+    own.write_text(json.dumps({"signals": ["loss"], "heads": {"g": {"bias": -1.0, "coef": {"loss": 2.0}}}}))
+    assert load_heads(["loss", "be_topk"], heads_file(str(own)))[1].tolist() == [[-1.0, 2.0, 0.0]]
+    with pytest.raises(ConfigError, match="monitor.heads='nosuch'.*shipped: default"):
+        load_config(overrides=["monitor.heads=nosuch"])
+    with pytest.raises(ConfigError, match="missing.json"):
+        load_config(overrides=[f"monitor.heads={tmp_path / 'missing.json'}"])

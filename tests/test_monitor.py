@@ -3,6 +3,8 @@ across ranks, and exact resume of the ledger."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -121,12 +123,15 @@ def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cac
     """The reference is the starting model, so the first step's gain is exactly 0 (the weights have
     not moved); training on the same 8 rows for a few steps makes it positive. A resumed run compares
     with the starting weights, not the checkpoint's (with a trained text encoder, its starting copy
-    encodes the captions for the reference)."""
+    encodes the captions for the reference). The run scores its rows with heads of its own
+    (``monitor.heads``: a file whose one head is ref_gain's mean z)."""
     from conftest import read_metrics
 
     from train.finetune import main
 
-    extra = {"monitor.signals": "[loss,ref_gain,ref_gain_topk]", "monitor.reference_every": 1,
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"signals": ["ref_gain"], "heads": {"gain": {"bias": 0.0, "coef": {"ref_gain": 1.0}}}}))
+    extra = {"monitor.signals": "[loss,ref_gain,ref_gain_topk]", "monitor.reference_every": 1, "monitor.heads": str(heads),
              "monitor.stats_warmup": 1, "data.shapes.num_samples": 8, "train.lr": 3e-3, "train.max_steps": 8,
              "train.checkpoint_every": 4, "train.lr_scheduler": "constant"}
     if kind == "lora":
@@ -140,6 +145,9 @@ def test_reference_gain_starts_at_zero_and_grows_as_the_run_learns(tmp_path, cac
     assert np.mean([gains[s] for s in (6, 7, 8)]) > 0.02, gains
     ledger = pq.read_table(run / "ledger.parquet")
     assert {"ref_gain_mean", "ref_gain_topk_mean"} <= set(ledger.column_names)
+    score, seen = ledger["score"].to_numpy(), ledger["ref_gain_count"].to_numpy() > 0  # unseen rows: no score
+    assert seen.sum() >= 4 and np.isnan(score[~seen]).all()
+    np.testing.assert_allclose(score[seen], ledger["ref_gain_mean"].to_numpy()[seen], atol=2e-3)
     # resumed at step 4: the reference is loaded again from the starting model, so the gains match
     main(fast_overrides(cache_dir, tmp_path / "half", **{**extra, "train.max_steps": 4}))
     resumed = main(fast_overrides(cache_dir, tmp_path / "half", **{**extra, "train.resume": "latest"}))

@@ -256,6 +256,13 @@ def validate(cfg: DictConfig) -> None:
     if mon.flag.policy == "calibrated" and mon.detector != "heads":
         raise ConfigError("monitor.flag.policy=calibrated flags by the detector heads' probability: set "
                           "monitor.detector=heads, or another monitor.flag.policy (zscore, quantile, absolute)")
+    if mon.detector == "heads":
+        from train.monitor.detector import heads_file
+
+        try:
+            heads_file(mon.heads)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
     if "neighbours" in mon.signals and mon.neighbours.embedding == "sscd-torchscript" and not mon.neighbours.sscd_model:
         raise ConfigError("monitor.neighbours.embedding=sscd-torchscript needs monitor.neighbours.sscd_model "
                           "(the TorchScript file)")

@@ -8,7 +8,8 @@ The heads (:mod:`train.monitor.detector`) are logistic regressions of ground tru
 moving_local), each against the clean rows. ``--validate`` runs are scored with the fitted heads
 unchanged: the rule is fit on one testbed and judged on testbeds it never saw. Beside each
 number: the equal-weight mean of all signals (the earlier default) and the loss alone.
-``--write`` stores the heads in train/monitor/detector.json (what ``monitor.detector: heads`` uses).
+``--write`` stores the heads in train/monitor/detector.json (what ``monitor.detector: heads`` uses),
+``--write FILE`` elsewhere (``monitor.heads=FILE`` then uses them).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the calibrated flag policy's threshold: the share of rows at or above it is reported")
     p.add_argument("--drop", nargs="*", default=[], choices=SIGNALS,
                    help="fit and score without these signals (as a run that does not compute them)")
-    p.add_argument("--write", action="store_true", help=f"store the heads in {DETECTOR_FILE}")
+    p.add_argument("--write", nargs="?", const=str(DETECTOR_FILE), metavar="FILE",
+                   help=f"store the heads in FILE (default {DETECTOR_FILE}, what monitor.heads=null uses; "
+                        "monitor.heads=FILE uses another)")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args(argv)
     dropped = [SIGNALS.index(s) for s in a.drop]
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(spec["heads"], indent=1))
     emit_table(lines, a.out)
     if a.write:
-        DETECTOR_FILE.write_text(json.dumps(spec, indent=1) + "\n")
-        print(f"wrote {DETECTOR_FILE}")
+        Path(a.write).write_text(json.dumps(spec, indent=1) + "\n")
+        print(f"wrote {a.write}")
     return 0
 
 

@@ -78,11 +78,11 @@ def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> di
     return {str(i): first.get(str(i), -1) for step in history for i in history[step]["sample_id"]}
 
 
-def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recent: float = 0.0
-                 ) -> tuple[dict[str, int], dict[str, bool]]:
+def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recent: float = 0.0,
+                 heads: str | None = None) -> tuple[dict[str, int], dict[str, bool]]:
     """The flags a run would have raised under another ``policy`` (a :class:`FlagPolicy`: another
-    ``margin`` or ``recent``), replayed on its ledger snapshots with the shipped heads: each
-    snapshot's per-signal z re-scored, hysteresis carried from one snapshot to the next. A flag that
+    ``margin`` or ``recent``), replayed on its ledger snapshots with the run's heads (``heads``: its
+    ``monitor.heads``): each snapshot's per-signal z re-scored, hysteresis carried from one snapshot to the next. A flag that
     rose and fell between two snapshots is missed, so snapshots at most an epoch apart see every update.
 
     The flags read the means, or with ``policy.recent`` the moving averages: the snapshots' own
@@ -91,10 +91,10 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
     with weight 1 - recent^k for k new observations: exact for one new observation per snapshot,
     which snapshots an epoch or less apart give nearly always; the means are half precision).
     Returns (sample id -> first flagged snapshot step, -1 = never; sample id -> flagged at the last)."""
-    from train.monitor.detector import load_heads
+    from train.monitor.detector import heads_file, load_heads
     from train.monitor.ledger import Ledger
 
-    _, heads = load_heads(signals)
+    _, heads = load_heads(signals, heads_file(heads))
     d = policy.recent
     own = d > 0 and d == run_recent
     ledger = Ledger(1, signals, [1.0] * len(signals), policy, heads=heads)  # its scores and thresholds only
@@ -230,7 +230,7 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
     for decay in decays:
         for margin in margins:
             first, now = replay_flags(history, signals, FlagPolicy(**{**flag, "margin": margin, "recent": decay}),
-                                      run_recent)
+                                      run_recent, monitor.get("heads"))
             leads = lead_times(first, onset)
             for group in sorted(set(groups.values())):
                 ids = [i for i, g in groups.items() if g == group]

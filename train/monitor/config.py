@@ -69,6 +69,10 @@ class MonitorConfig:
     # (train/monitor/detector.py, detector.json), "weighted" = the signal_weights-weighted mean
     detector: str = choice("heads", "weighted")
     signal_weights: dict[str, float] = field(default_factory=dict)  # detector=weighted: default 1.0 each
+    # detector=heads: which heads, None = the shipped detector.json; a shipped set's name ("reference":
+    # fit with ref_gain, what configs/monitor/reference.yaml uses) or a .json file that
+    # launch.testbed.fit_detector --write wrote from labelled ledgers of one's own
+    heads: Optional[str] = None
     be_layers: Optional[list[str]] = None  # None: the highest-resolution cross-attention of the down path
     # Attention over tokens from the down path and the mid block (every attn2 layer, as Ren et al.,
     # costs about twice as much: tests/bench/bench_monitor.py measures both).

@@ -23,6 +23,20 @@ import numpy as np
 DETECTOR_FILE = Path(__file__).with_name("detector.json")
 
 
+def heads_file(heads: str | None) -> Path:
+    """The file ``monitor.heads`` names: None or "default" -> detector.json; a shipped set's name
+    (e.g. "reference" -> detector_reference.json beside it); else a path to a file that
+    ``launch.testbed.fit_detector --write FILE`` wrote."""
+    if heads in (None, "default"):
+        return DETECTOR_FILE
+    path = Path(heads) if str(heads).endswith(".json") else DETECTOR_FILE.with_name(f"detector_{heads}.json")
+    if not path.is_file():
+        shipped = ["default"] + sorted(p.stem.removeprefix("detector_") for p in DETECTOR_FILE.parent.glob("detector_*.json"))
+        raise FileNotFoundError(f"monitor.heads={heads!r}: no file {path} (shipped: {', '.join(shipped)}; "
+                                "or a .json path written by launch.testbed.fit_detector --write)")
+    return path
+
+
 def load_heads(signals: Sequence[str], path: str | Path = DETECTOR_FILE) -> tuple[list[str], np.ndarray]:
     """(kind names, [K, 1 + S] array of bias then one coefficient per ``signals`` entry)."""
     spec = json.loads(Path(path).read_text())

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from train.models import encode_text
 from train.monitor.capture import AttentionCapture
 from train.monitor.detection import detection_by_kind
-from train.monitor.detector import load_heads
+from train.monitor.detector import heads_file, load_heads
 from train.monitor.ledger import FlagPolicy, Ledger
 from train.monitor.neighbours import embed, make_index, neighbour_signal
 from train.monitor.signals import (MAGNITUDE_SIGNALS, ORIENTATION, REFERENCE_SIGNALS, be_signals, loss_signal,
@@ -76,7 +76,7 @@ class Monitor:
                                  list(cfg.length_edges), cfg.stats_horizon, cfg.stats_warmup)
         streaming = num_samples is None
         weights = [float(cfg.signal_weights.get(s, 1.0)) for s in self.signals]
-        heads = load_heads(self.signals)[1] if cfg.get("detector", "heads") == "heads" else None
+        heads = load_heads(self.signals, heads_file(cfg.heads))[1] if cfg.get("detector", "heads") == "heads" else None
         self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming,
                              heads=heads)
         self.table, self.id_column, self.caption_column = table, id_column, caption_column
