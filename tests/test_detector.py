@@ -160,3 +160,42 @@ def test_monitor_heads_names_a_shipped_set_or_a_file_and_refuses_a_missing_one(t
         load_config(overrides=["monitor.heads=nosuch"])
     with pytest.raises(ConfigError, match="missing.json"):
         load_config(overrides=[f"monitor.heads={tmp_path / 'missing.json'}"])
+
+
+def test_fit_detector_adds_a_head_on_chosen_signals_to_the_shipped_ones(tmp_path):
+    """``fit_detector --only ... --one-head NAME --add-to FILE --write OUT`` keeps FILE's heads as they
+    are and adds one head fit on the chosen signals alone, for every planted kind; a name that is
+    already taken is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launch.testbed.fit_detector import main as fit_main
+    from train.monitor.detector import DETECTOR_FILE
+
+    rng = np.random.default_rng(0)
+    groups = np.array(["clean"] * 300 + ["template"] * 40 + ["global"] * 40 + ["heldout"] * 10)
+    cols = {"sample_id": [str(i) for i in range(len(groups))], "group": groups.tolist()}
+    for s in SIGNALS:
+        x = rng.normal(size=len(groups))
+        if s == "ref_gain":
+            x[groups != "clean"] += 2.0  # every planted kind gains on the reference
+        if s == "loss":
+            x[groups == "template"] -= 3.0  # a signal the new head must not use
+        cols[f"{s}_mean"] = x.tolist()
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table(cols), run / "ledger.parquet")
+    out = tmp_path / "heads.json"
+    assert fit_main(["--fit", str(run), "--only", "ref_gain", "--one-head", "reference",
+                     "--add-to", str(DETECTOR_FILE), "--write", str(out)]) == 0
+    written, shipped = json.loads(out.read_text()), json.loads(DETECTOR_FILE.read_text())
+    assert list(written["heads"]) == ["global", "local", "reference"]
+    for name in ("global", "local"):
+        assert written["heads"][name]["coef"] == shipped["heads"][name]["coef"]
+    new = written["heads"]["reference"]
+    assert new["coef"]["ref_gain"] > 0.5 and all(new["coef"][s] == 0 for s in SIGNALS if s != "ref_gain")
+    assert set(new["positives"]) == {"template", "global"} and new["fit_on"] == [str(run)]
+    kinds, heads = load_heads(SIGNALS, out)
+    assert kinds == ["global", "local", "reference"] and heads.shape == (3, 1 + len(SIGNALS))
+    with pytest.raises(SystemExit, match="already has heads"):
+        fit_main(["--fit", str(run), "--one-head", "local", "--add-to", str(DETECTOR_FILE), "--write", str(out)])

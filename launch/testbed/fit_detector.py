@@ -1,6 +1,6 @@
 """Fit the default detector's per-kind heads on one testbed run's ledger; report them on others.
 
-``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--drop SIGNAL ...] [--write] [--out FILE.md]``
+``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--drop SIGNAL ...] [--only SIGNAL ...] [--one-head NAME] [--add-to FILE] [--write [FILE]] [--out FILE.md]``
 
 The heads (:mod:`train.monitor.detector`) are logistic regressions of ground truth (the ledger's
 ``group`` column) on the per-signal mean z-scores: a "global" head for the whole-image kinds
@@ -9,7 +9,9 @@ moving_local), each against the clean rows. ``--validate`` runs are scored with 
 unchanged: the rule is fit on one testbed and judged on testbeds it never saw. Beside each
 number: the equal-weight mean of all signals (the earlier default) and the loss alone.
 ``--write`` stores the heads in train/monitor/detector.json (what ``monitor.detector: heads`` uses),
-``--write FILE`` elsewhere (``monitor.heads=FILE`` then uses them).
+``--write FILE`` elsewhere (``monitor.heads=FILE`` then uses them). ``--only`` fits on some signals
+alone, ``--one-head NAME`` one head for every planted kind, and ``--add-to FILE`` keeps FILE's heads
+and adds the new one (how ``detector_reference.json`` was made from the shipped heads).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="the calibrated flag policy's threshold: the share of rows at or above it is reported")
     p.add_argument("--drop", nargs="*", default=[], choices=SIGNALS,
                    help="fit and score without these signals (as a run that does not compute them)")
+    p.add_argument("--only", nargs="+", choices=SIGNALS,
+                   help="fit on these signals alone (the new heads get no weight on any other)")
+    p.add_argument("--one-head", metavar="NAME",
+                   help="fit one head, NAME, for every planted kind instead of a global and a local head")
+    p.add_argument("--add-to", metavar="FILE",
+                   help="keep the heads in FILE (e.g. the shipped detector.json) and add the fitted ones to them")
     p.add_argument("--write", nargs="?", const=str(DETECTOR_FILE), metavar="FILE",
                    help=f"store the heads in FILE (default {DETECTOR_FILE}, what monitor.heads=null uses; "
                         "monitor.heads=FILE uses another)")
@@ -69,13 +77,30 @@ def main(argv: list[str] | None = None) -> int:
 
     fitted = [read(run) for run in a.fit]
     means, groups = np.concatenate([m for m, _ in fitted]), np.concatenate([g for _, g in fitted])
+    if a.only:
+        means[:, [i for i, s in enumerate(SIGNALS) if s not in a.only]] = 0.0
     present = set(groups)
     kinds = {name: [k for k in members if k in present]
              for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
+    if a.one_head:
+        kinds = {a.one_head: [k for members in kinds.values() for k in members]}
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
-    spec["fit_on"] = [str(r) for r in a.fit]
-    if a.drop:
-        spec["without"] = list(a.drop)
+    for head in spec["heads"].values():  # where each head came from, kept when heads are added to others
+        head["fit_on"] = [str(r) for r in a.fit]
+        if a.drop:
+            head["without"] = list(a.drop)
+        if a.only:
+            head["only"] = list(a.only)
+    if a.add_to:
+        kept = json.loads(Path(a.add_to).read_text())
+        for head in kept["heads"].values():
+            head.setdefault("fit_on", kept.get("fit_on", []))
+            if kept.get("without"):
+                head.setdefault("without", kept["without"])
+        clash = sorted(set(kept["heads"]) & set(spec["heads"]))
+        if clash:
+            raise SystemExit(f"--add-to {a.add_to} already has heads {clash}: name the new one with --one-head")
+        spec["heads"] = {**kept["heads"], **spec["heads"]}
     on = logit(a.probability)
     lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | "
              "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|"]
