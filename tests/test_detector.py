@@ -197,5 +197,7 @@ def test_fit_detector_adds_a_head_on_chosen_signals_to_the_shipped_ones(tmp_path
     assert set(new["positives"]) == {"template", "global"} and new["fit_on"] == [str(run)]
     kinds, heads = load_heads(SIGNALS, out)
     assert kinds == ["global", "local", "reference"] and heads.shape == (3, 1 + len(SIGNALS))
+    with pytest.raises(FileNotFoundError, match="nosuch.*shipped: default"):
+        fit_main(["--fit", str(run), "--one-head", "x", "--add-to", "nosuch", "--write", str(out)])
     with pytest.raises(SystemExit, match="already has heads"):
         fit_main(["--fit", str(run), "--one-head", "local", "--add-to", str(DETECTOR_FILE), "--write", str(out)])

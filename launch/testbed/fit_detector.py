@@ -28,7 +28,7 @@ from launch.testbed.reading import emit_table
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.monitor.detection import detection_by_kind
 from train.monitor.config import FlagConfig
-from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores, logit
+from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores, heads_file, logit
 from train.monitor.signals import SIGNALS
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one-head", metavar="NAME",
                    help="fit one head, NAME, for every planted kind instead of a global and a local head")
     p.add_argument("--add-to", metavar="FILE",
-                   help="keep the heads in FILE (e.g. the shipped detector.json) and add the fitted ones to them")
+                   help="keep the heads in FILE (a shipped set's name, e.g. default, or a .json path) and add the fitted ones")
     p.add_argument("--write", nargs="?", const=str(DETECTOR_FILE), metavar="FILE",
                    help=f"store the heads in FILE (default {DETECTOR_FILE}, what monitor.heads=null uses; "
                         "monitor.heads=FILE uses another)")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.only:
             head["only"] = list(a.only)
     if a.add_to:
-        kept = json.loads(Path(a.add_to).read_text())
+        kept = json.loads(heads_file(a.add_to).read_text())  # a shipped set's name or a .json path
         for head in kept["heads"].values():
             head.setdefault("fit_on", kept.get("fit_on", []))
             if kept.get("without"):
