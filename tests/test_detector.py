@@ -201,3 +201,44 @@ def test_fit_detector_adds_a_head_on_chosen_signals_to_the_shipped_ones(tmp_path
         fit_main(["--fit", str(run), "--one-head", "x", "--add-to", "nosuch", "--write", str(out)])
     with pytest.raises(SystemExit, match="already has heads"):
         fit_main(["--fit", str(run), "--one-head", "local", "--add-to", str(DETECTOR_FILE), "--write", str(out)])
+
+
+def test_fit_detector_fits_the_heads_one_names_and_scores_each_kind_by_its_own_head(tmp_path):
+    """``--head NAME=KIND,KIND`` fits one head per named set of kinds; the table's "own head AUC"
+    scores a kind by the head fit on it, which sees a kind that the largest head drowns; unknown
+    or absent kinds, and --head with --one-head, are refused by name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launch.testbed.fit_detector import main as fit_main
+
+    rng = np.random.default_rng(1)
+    groups = np.array(["clean"] * 400 + ["template"] * 40 + ["global"] * 40)
+    cols = {"sample_id": [str(i) for i in range(len(groups))], "group": groups.tolist()}
+    for s in SIGNALS:
+        x = rng.normal(size=len(groups))
+        if s == "loss":
+            x[groups == "global"] += 4.0
+        if s == "start_mass":
+            x[groups == "template"] -= 1.0  # weak: the global head's clean tail outranks it in the max
+        cols[f"{s}_mean"] = x.tolist()
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table(cols), run / "ledger.parquet")
+    out, table = tmp_path / "heads.json", tmp_path / "table.md"
+    assert fit_main(["--fit", str(run), "--head", "whole=global", "--head", "cards=template",
+                     "--write", str(out), "--out", str(table)]) == 0
+    heads = json.loads(out.read_text())["heads"]
+    assert list(heads) == ["whole", "cards"]
+    assert heads["whole"]["positives"] == ["global"] and heads["cards"]["positives"] == ["template"]
+    assert heads["whole"]["coef"]["loss"] > 1.0 and heads["cards"]["coef"]["start_mass"] < -0.3
+    rows = {line.split("|")[3].strip(): line.split("|") for line in table.read_text().splitlines()[2:]}
+    max_auc, own_auc = float(rows["template"][4]), float(rows["template"][7])
+    assert own_auc > 0.7 and own_auc > max_auc
+    assert float(rows["global"][7]) > 0.95
+    with pytest.raises(SystemExit, match="unknown kinds \\['logo'\\]"):
+        fit_main(["--fit", str(run), "--head", "x=logo"])
+    with pytest.raises(SystemExit, match="no rows of \\['moving_local'\\]"):
+        fit_main(["--fit", str(run), "--head", "x=moving_local"])
+    with pytest.raises(SystemExit, match="--one-head and --head"):
+        fit_main(["--fit", str(run), "--head", "x=global", "--one-head", "y"])

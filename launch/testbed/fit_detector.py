@@ -1,6 +1,6 @@
 """Fit the default detector's per-kind heads on one testbed run's ledger; report them on others.
 
-``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--drop SIGNAL ...] [--only SIGNAL ...] [--one-head NAME] [--add-to FILE] [--write [FILE]] [--out FILE.md]``
+``python -m launch.testbed.fit_detector --fit RUN [RUN ...] [--validate RUN ...] [--drop SIGNAL ...] [--only SIGNAL ...] [--one-head NAME | --head NAME=KIND[,KIND] ...] [--add-to FILE] [--write [FILE]] [--out FILE.md]``
 
 The heads (:mod:`train.monitor.detector`) are logistic regressions of ground truth (the ledger's
 ``group`` column) on the per-signal mean z-scores: a "global" head for the whole-image kinds
@@ -10,8 +10,10 @@ unchanged: the rule is fit on one testbed and judged on testbeds it never saw. B
 number: the equal-weight mean of all signals (the earlier default) and the loss alone.
 ``--write`` stores the heads in train/monitor/detector.json (what ``monitor.detector: heads`` uses),
 ``--write FILE`` elsewhere (``monitor.heads=FILE`` then uses them). ``--only`` fits on some signals
-alone, ``--one-head NAME`` one head for every planted kind, and ``--add-to FILE`` keeps FILE's heads
-and adds the new one (how ``detector_reference.json`` was made from the shipped heads).
+alone, ``--one-head NAME`` one head for every planted kind, ``--head NAME=KIND,KIND`` (repeated) heads
+with the kinds one names, and ``--add-to FILE`` keeps FILE's heads and adds the new one (how
+``detector_reference.json`` was made from the shipped heads). "own head AUC" scores each kind by the
+head fit on it alone, what a per-kind flag reads, beside the ledger's score (the largest head).
 """
 
 from __future__ import annotations
@@ -42,10 +44,35 @@ def ledger_means(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return means, np.asarray(table["group"]).astype(str)
 
 
+def head_matrix(spec: dict) -> np.ndarray:
+    """[K, 1 + S]: each head's bias then its coefficients in SIGNALS order."""
+    return np.asarray([[h["bias"]] + [h["coef"].get(s, 0.0) for s in SIGNALS] for h in spec["heads"].values()])
+
+
 def scores(spec: dict, means: np.ndarray) -> dict[str, np.ndarray]:
-    heads = np.asarray([[h["bias"]] + [h["coef"].get(s, 0.0) for s in SIGNALS] for h in spec["heads"].values()])
-    return {"heads": head_scores(heads, means).max(axis=1), "equal-weight mean": means.mean(axis=1),
+    return {"heads": head_scores(head_matrix(spec), means).max(axis=1), "equal-weight mean": means.mean(axis=1),
             "loss only": means[:, SIGNALS.index("loss")]}
+
+
+def parse_head(text: str, present: set[str]) -> tuple[str, list[str]]:
+    """``NAME=KIND,KIND`` -> (NAME, [KIND, ...]); every kind must be planted in the fitted runs."""
+    name, _, members = text.partition("=")
+    kinds = [k for k in members.split(",") if k]
+    if not name or not kinds:
+        raise SystemExit(f"--head {text!r}: give NAME=KIND[,KIND...]")
+    unknown = [k for k in kinds if k not in GROUP_KINDS + REGION_KINDS]
+    if unknown:
+        raise SystemExit(f"--head {text!r}: unknown kinds {unknown} (planted kinds: {', '.join(GROUP_KINDS + REGION_KINDS)})")
+    missing = [k for k in kinds if k not in present]
+    if missing:
+        raise SystemExit(f"--head {text!r}: the fitted runs have no rows of {missing}")
+    return name, kinds
+
+
+def own_head(spec: dict, kind: str) -> str | None:
+    """The one head whose positives include ``kind`` (None when none or several do)."""
+    owners = [name for name, head in spec["heads"].items() if kind in head.get("positives", [])]
+    return owners[0] if len(owners) == 1 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fit on these signals alone (the new heads get no weight on any other)")
     p.add_argument("--one-head", metavar="NAME",
                    help="fit one head, NAME, for every planted kind instead of a global and a local head")
+    p.add_argument("--head", action="append", default=[], metavar="NAME=KIND[,KIND]",
+                   help="fit a head NAME on these planted kinds (repeat for more heads) instead of a global and a local head")
     p.add_argument("--add-to", metavar="FILE",
                    help="keep the heads in FILE (a shipped set's name, e.g. default, or a .json path) and add the fitted ones")
     p.add_argument("--write", nargs="?", const=str(DETECTOR_FILE), metavar="FILE",
@@ -82,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     present = set(groups)
     kinds = {name: [k for k in members if k in present]
              for name, members in (("global", GROUP_KINDS), ("local", REGION_KINDS))}
+    if a.one_head and a.head:
+        raise SystemExit("--one-head and --head both name the heads: give one of them")
     if a.one_head:
         kinds = {a.one_head: [k for members in kinds.values() for k in members]}
+    if a.head:
+        kinds = dict(parse_head(h, present) for h in a.head)
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
     for head in spec["heads"].values():  # where each head came from, kept when heads are added to others
         head["fit_on"] = [str(r) for r in a.fit]
@@ -102,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--add-to {a.add_to} already has heads {clash}: name the new one with --one-head")
         spec["heads"] = {**kept["heads"], **spec["heads"]}
     on = logit(a.probability)
-    lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | "
-             "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | own head AUC | "
+             "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|---|"]
+    names = list(spec["heads"])
+    matrix = head_matrix(spec)
     for role, runs in (("fit", a.fit), ("validate", a.validate)):
         for run in runs:
             run_means, run_groups = read(run)
@@ -111,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             run_scores = scores(spec, run_means)
             results = {name: detection_by_kind(score, run_groups, "clean", labels) for name, score in run_scores.items()}
             flagged = {kind: float((run_scores["heads"][run_groups == kind] >= on).mean()) for kind in labels + ["clean"]}
+            per_head = head_scores(matrix, run_means)
             for kind in labels:
                 h, e, l = (results[n].get(kind, {}) for n in ("heads", "equal-weight mean", "loss only"))
+                owner = own_head(spec, kind)
+                own = (detection_by_kind(per_head[:, names.index(owner)], run_groups, "clean", [kind])[kind]["auc"]
+                       if owner else float("nan"))
                 lines.append(f"| {run} | {role} | {kind} | {h.get('auc', float('nan')):.3f} | "
-                             f"{h.get('tpr_at_1fpr', float('nan')):.2f} | {flagged[kind]:.1%} | "
+                             f"{h.get('tpr_at_1fpr', float('nan')):.2f} | {flagged[kind]:.1%} | {own:.3f} | "
                              f"{e.get('auc', float('nan')):.3f} | {l.get('auc', float('nan')):.3f} |")
-            lines.append(f"| {run} | {role} | clean (false flags) | | | {flagged['clean']:.1%} | | |")
+            lines.append(f"| {run} | {role} | clean (false flags) | | | {flagged['clean']:.1%} | | | |")
     print(json.dumps(spec["heads"], indent=1))
     emit_table(lines, a.out)
     if a.write:
