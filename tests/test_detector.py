@@ -39,6 +39,25 @@ def test_the_ledger_scores_a_sample_by_its_largest_head():
     weighted = Ledger(4, ["loss", "be_topk"], [1.0, 1.0], FlagPolicy(min_obs=1))
     weighted.update(np.arange(4), z, step=1)
     assert weighted.score[0] == pytest.approx(0.5)  # the mean, not a head
+    assert "head" not in weighted.table().column_names
+
+
+def test_the_ledger_table_names_the_head_each_score_comes_from():
+    """ledger.parquet's ``head`` is the largest head's name and ``head_<name>`` each head's value
+    (margin included, as the score); rows not yet scored get neither."""
+    heads = np.array([[0.0, 2.0, 0.0], [-1.0, 0.0, 3.0]], dtype=np.float32)
+    ledger = Ledger(5, ["loss", "be_topk"], [1.0, 1.0], FlagPolicy(min_obs=1, margin=0.5), heads=heads,
+                    head_names=["global", "local"])
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 0.2], [np.nan, -1.0]], dtype=np.float32)
+    ledger.update(np.arange(4), z, step=1)
+    table = ledger.table().to_pydict()
+    assert table["head"] == ["global", "local", "global", "global", None]
+    values = np.array([table["head_global"], table["head_local"]], dtype=np.float64).T
+    np.testing.assert_allclose(np.nanmax(values[:4], axis=1), ledger.score[:4], atol=2e-3)  # means kept in fp16
+    # margin 0.5 x the head's standard error (|coef| / sqrt(1 observation)); be_topk unseen in row 3
+    assert values[1, 1] == pytest.approx(-1.0 + 3.0 - 0.5 * 3.0, abs=1e-3)
+    assert values[3, 0] == pytest.approx(0.0, abs=1e-3)
+    assert np.isnan(values[4]).all()
 
 
 def test_fitted_heads_find_each_kind_on_rows_they_were_not_fit_on():

@@ -61,10 +61,14 @@ class FlagPolicy:
 
 class Ledger:
     def __init__(self, capacity: int, signals: Sequence[str], weights: Sequence[float], policy: FlagPolicy,
-                 streaming: bool = False, heads: Optional[np.ndarray] = None):
+                 streaming: bool = False, heads: Optional[np.ndarray] = None,
+                 head_names: Optional[Sequence[str]] = None):
         self.signals, self.policy, self.streaming = tuple(signals), policy, streaming
         self.weights = np.asarray(weights, dtype=np.float32)
         self.heads = heads  # [K, 1 + S] (train/monitor/detector.py): score = the largest head; None: weighted mean
+        # the heads' kinds, for the table's head_<kind> columns and which kind each row's score comes from
+        self.head_names = tuple(head_names) if head_names is not None else (
+            tuple(f"head{k}" for k in range(len(heads))) if heads is not None else ())
         if policy.policy == "calibrated" and heads is None:
             raise ValueError("the calibrated flag policy reads the detector heads' probabilities: use detector=heads")
         S = len(self.signals)
@@ -157,22 +161,35 @@ class Ledger:
         [N, S] (the means, or the moving averages with ``recent``) and observation counts [N, S]: the
         largest per-kind head, or the weighted mean of the observed signals, less ``margin`` standard
         errors (a mean's is 1/sqrt(count); a moving average's is in the module docstring)."""
+        mean, seen, variance = self._estimates(mean, count)
+        if self.heads is not None:
+            return self._heads(mean, variance).max(axis=1), seen.any(axis=1)
+        w = self.weights[None, :] * seen
+        total = np.maximum(w.sum(1), 1e-12)
+        se = np.sqrt((w ** 2 * variance).sum(1)) / total
+        return (w * mean).sum(1) / total - self.policy.margin * se, w.sum(1) > 0
+
+    def _estimates(self, mean: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(z with unobserved signals at 0, which were observed, each estimate's variance), all [N, S]."""
         count = np.asarray(count, np.float32)
         seen = count > 0
         mean = np.where(seen, np.asarray(mean, np.float32), 0.0)
         d = self.policy.recent
         # the variance of each signal's estimate when the row is like its peers (unit-spread z)
         variance = (1 - d) / (1 + d) * (1 - d ** (2 * count)) if d > 0 else 1.0 / np.maximum(count, 1.0)
-        variance = np.where(seen, variance, 0.0)
-        if self.heads is not None:
-            coef = self.heads[:, 1:]  # [K, S]
-            score = head_scores(self.heads, mean)  # [N, K]
-            se = np.sqrt(variance @ (coef ** 2).T)
-            return (score - self.policy.margin * se).max(axis=1), seen.any(axis=1)
-        w = self.weights[None, :] * seen
-        total = np.maximum(w.sum(1), 1e-12)
-        se = np.sqrt((w ** 2 * variance).sum(1)) / total
-        return (w * mean).sum(1) / total - self.policy.margin * se, w.sum(1) > 0
+        return mean, seen, np.where(seen, variance, 0.0)
+
+    def _heads(self, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+        """[N, K] each head's logit less ``margin`` standard errors."""
+        se = np.sqrt(variance @ (self.heads[:, 1:] ** 2).T)
+        return head_scores(self.heads, mean) - self.policy.margin * se
+
+    def head_values(self, n: int) -> np.ndarray:
+        """[n, K] each head's value for the first n slots, on what the flags read (the means, or the
+        moving averages with ``recent``); NaN where a row is not scored. The score is their maximum."""
+        held = self.sig_recent if self.policy.recent > 0 else self.sig_mean
+        mean, _, variance = self._estimates(held[:n].astype(np.float32), self.sig_count[:n])
+        return np.where(np.isnan(self.score[:n])[:, None], np.nan, self._heads(mean, variance))
 
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
@@ -266,6 +283,13 @@ class Ledger:
                 cols[f"{name}_recent"] = np.where(seen, self.sig_recent[:n, j].astype(np.float32), np.nan)
         cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
                     last_step=self.last_step[:n])
+        if self.heads is not None:  # the head (kind of memorization) the score comes from, and each head's value
+            values = self.head_values(n)
+            scored = ~np.isnan(values).any(axis=1)
+            top = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
+            cols["head"] = [self.head_names[k] if ok else None for k, ok in zip(top.tolist(), scored.tolist())]
+            for k, name in enumerate(self.head_names):
+                cols[f"head_{name}"] = values[:, k].astype(np.float32)
         for key, values in (extra or {}).items():
             cols[key] = list(values)[:n]
         return pa.table(cols)

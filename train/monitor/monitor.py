@@ -76,9 +76,10 @@ class Monitor:
                                  list(cfg.length_edges), cfg.stats_horizon, cfg.stats_warmup)
         streaming = num_samples is None
         weights = [float(cfg.signal_weights.get(s, 1.0)) for s in self.signals]
-        heads = load_heads(self.signals, heads_file(cfg.heads))[1] if cfg.get("detector", "heads") == "heads" else None
+        kinds, heads = (load_heads(self.signals, heads_file(cfg.heads)) if cfg.get("detector", "heads") == "heads"
+                        else (None, None))
         self.ledger = Ledger(num_samples or 1024, self.signals, weights, FlagPolicy(**cfg.flag), streaming=streaming,
-                             heads=heads)
+                             heads=heads, head_names=kinds)
         self.table, self.id_column, self.caption_column = table, id_column, caption_column
         self.labels = None
         if cfg.label_column:  # ground truth only where the user names it
@@ -302,9 +303,13 @@ class Monitor:
         """The k highest-scoring flagged samples, with image and caption where the data is a table."""
         flagged = np.flatnonzero(self.ledger.flagged)
         top = flagged[np.argsort(-self.ledger.score[flagged])][:k]
+        kinds = None
+        if self.ledger.heads is not None and len(top):  # the head each score comes from
+            values = self.ledger.head_values(int(top.max()) + 1)
+            kinds = {slot: self.ledger.head_names[int(np.nanargmax(values[slot]))] for slot in top.tolist()}
         rows = []
         for slot in top.tolist():
-            row = {"slot": slot, "score": float(self.ledger.score[slot]),
+            row = {"slot": slot, "score": float(self.ledger.score[slot]), "head": kinds[slot] if kinds else None,
                    "first_flagged_step": int(self.ledger.first_flagged_step[slot]),
                    **{name: float(self.ledger.sig_mean[slot, j]) for j, name in enumerate(self.signals)}}
             if self.table is not None and not self.ledger.streaming:
