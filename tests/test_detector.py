@@ -58,6 +58,14 @@ def test_the_ledger_table_names_the_head_each_score_comes_from():
     assert values[1, 1] == pytest.approx(-1.0 + 3.0 - 0.5 * 3.0, abs=1e-3)
     assert values[3, 0] == pytest.approx(0.0, abs=1e-3)
     assert np.isnan(values[4]).all()
+    # the W&B table of flagged rows names the head too (Monitor.top_flagged reads only the ledger here)
+    from types import SimpleNamespace
+
+    from train.monitor.monitor import Monitor
+
+    ledger.flagged[:] = [True, True, False, False, False]
+    rows = Monitor.top_flagged(SimpleNamespace(ledger=ledger, signals=ledger.signals, table=None), 4)
+    assert [(r["slot"], r["head"]) for r in rows] == [(0, "global"), (1, "local")]
 
 
 def test_fitted_heads_find_each_kind_on_rows_they_were_not_fit_on():

@@ -184,12 +184,12 @@ class Ledger:
         se = np.sqrt(variance @ (self.heads[:, 1:] ** 2).T)
         return head_scores(self.heads, mean) - self.policy.margin * se
 
-    def head_values(self, n: int) -> np.ndarray:
-        """[n, K] each head's value for the first n slots, on what the flags read (the means, or the
-        moving averages with ``recent``); NaN where a row is not scored. The score is their maximum."""
+    def head_values(self, slots: np.ndarray) -> np.ndarray:
+        """[len(slots), K] each head's value for these slots, on what the flags read (the means, or
+        the moving averages with ``recent``); NaN where a row is not scored. The score is their maximum."""
         held = self.sig_recent if self.policy.recent > 0 else self.sig_mean
-        mean, _, variance = self._estimates(held[:n].astype(np.float32), self.sig_count[:n])
-        return np.where(np.isnan(self.score[:n])[:, None], np.nan, self._heads(mean, variance))
+        mean, _, variance = self._estimates(held[slots].astype(np.float32), self.sig_count[slots])
+        return np.where(np.isnan(self.score[slots])[:, None], np.nan, self._heads(mean, variance))
 
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
@@ -284,7 +284,7 @@ class Ledger:
         cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
                     last_step=self.last_step[:n])
         if self.heads is not None:  # the head (kind of memorization) the score comes from, and each head's value
-            values = self.head_values(n)
+            values = self.head_values(np.arange(n))
             scored = ~np.isnan(values).any(axis=1)
             top = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
             cols["head"] = [self.head_names[k] if ok else None for k, ok in zip(top.tolist(), scored.tolist())]

@@ -305,8 +305,8 @@ class Monitor:
         top = flagged[np.argsort(-self.ledger.score[flagged])][:k]
         kinds = None
         if self.ledger.heads is not None and len(top):  # the head each score comes from
-            values = self.ledger.head_values(int(top.max()) + 1)
-            kinds = {slot: self.ledger.head_names[int(np.nanargmax(values[slot]))] for slot in top.tolist()}
+            values = self.ledger.head_values(top)
+            kinds = {slot: self.ledger.head_names[int(np.nanargmax(v))] for slot, v in zip(top.tolist(), values)}
         rows = []
         for slot in top.tolist():
             row = {"slot": slot, "score": float(self.ledger.score[slot]), "head": kinds[slot] if kinds else None,
