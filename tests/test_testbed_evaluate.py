@@ -305,8 +305,15 @@ def test_detection_table_reports_signals_and_baselines(tmp_path):
                              "flagged": np.array(groups) == "global",
                              "first_flagged_step": np.where(np.array(groups) == "global", 7, -1)}),
                    run / "ledger.parquet")
-    result = detection_table(run, epoch0=run)
+    early = tmp_path / "early"  # an epoch-0 ledger written before the heads' columns existed
+    early.mkdir()
+    pq.write_table(pq.read_table(run / "ledger.parquet"), early / "ledger.parquet")
+    table = pq.read_table(run / "ledger.parquet")
+    head_local = np.where(np.array(groups) == "local", 2.0, rng.normal(size=60) - 1.0)
+    pq.write_table(table.append_column("head_local", pa.array(head_local)), run / "ledger.parquet")
+    result = detection_table(run, epoch0=early)
     g, loc = result["kinds"]["global"], result["kinds"]["local"]
+    assert loc["signals"]["head_local"]["auc"] == 1.0 and np.isnan(loc["signals"]["head_local"]["auc_epoch0"])
     assert g["signals"]["score"]["auc"] == 1.0 and g["signals"]["score"]["tpr_at_1fpr"] == 1.0
     assert g["signals"]["loss"]["auc"] == 0.0 and g["median_first_flagged_step"] == 7
     assert g["token_count_auc"] == 0.5 and loc["token_count_auc"] == 1.0  # local captions are longer here

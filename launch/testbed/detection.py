@@ -4,7 +4,8 @@
 ``python -m launch.testbed.detection --run RUN --history [--signals score loss ...]``
 
 For each planted kind in the run's data vs clean: AUC and TPR@1%FPR of the combined ledger
-score and of every signal's running mean, and beside them
+score, of each detector head's own value (``head_<name>``, ledgers written since the ledger kept
+them) and of every signal's running mean, and beside them
 * the token-count baseline: the AUC of the caption's token count alone (a signal that only
   follows caption length "detects" captions, not memorization), and
 * the same signal's AUC in ``--epoch0``, a ledger from the first epoch of the same fine-tune
@@ -47,12 +48,14 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
     led = load(run)
     early = load(epoch0) if epoch0 else None
     groups = led["group"]
-    signals = ["score"] + sorted(k[:-5] for k in led if k.endswith("_mean"))
-    columns = {name: "score" if name == "score" else f"{name}_mean" for name in signals}
+    # the score, each detector head's own value (head_<name>: what a per-kind flag reads), every signal
+    heads = sorted(k for k in led if k.startswith("head_"))
+    signals = ["score"] + heads + sorted(k[:-5] for k in led if k.endswith("_mean"))
+    columns = {name: name if name == "score" or name in heads else f"{name}_mean" for name in signals}
     now = {name: detection_by_kind(led[column].astype(float), groups, "clean", KINDS)
            for name, column in columns.items()}
     before = {name: detection_by_kind(early[column].astype(float), early["group"], "clean", KINDS)
-              for name, column in columns.items()} if early is not None else None
+              for name, column in columns.items() if column in early} if early is not None else None
     tokens = detection_by_kind(token_counts(run, led["caption"]), groups, "clean", KINDS)
     neg = groups == "clean"
     result: dict = {"kinds": {}}
@@ -63,8 +66,8 @@ def detection_table(run: Path, epoch0: Path | None = None) -> dict:
         rows = {}
         for name in signals:
             row = dict(now[name][kind])
-            if before is not None:  # an epoch-0 ledger without the kind has no AUC for it
-                row["auc_epoch0"] = before[name].get(kind, {}).get("auc", float("nan"))
+            if before is not None:  # an epoch-0 ledger without the kind (or the column) has no AUC for it
+                row["auc_epoch0"] = before.get(name, {}).get(kind, {}).get("auc", float("nan"))
             rows[name] = row
         # never-flagged samples count as "later than any step": the median is None unless at
         # least half of the group was flagged
@@ -88,11 +91,12 @@ def history_table(run: Path, signals: list[str]) -> list[str]:
     per_step = []
     for path in snapshots:
         led = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
-        missing = [s for s in signals if s != "score" and f"{s}_mean" not in led]
+        column = {s: s if s == "score" or s.startswith("head_") else f"{s}_mean" for s in signals}
+        missing = [s for s in signals if column[s] not in led]
         if missing:
-            raise KeyError(f"{path.name} has no {missing}; its signals: {sorted(k[:-5] for k in led if k.endswith('_mean'))}")
-        aucs = {s: detection_by_kind(led["score" if s == "score" else f"{s}_mean"].astype(float), led["group"], "clean",
-                                     KINDS) for s in signals}
+            raise KeyError(f"{path.name} has no {missing}; its signals: {sorted(k[:-5] for k in led if k.endswith('_mean'))}"
+                           f", heads: {sorted(k for k in led if k.startswith('head_'))}")
+        aucs = {s: detection_by_kind(led[column[s]].astype(float), led["group"], "clean", KINDS) for s in signals}
         per_step.append((int(path.stem.split("-")[1]), aucs))
     lines = []
     for kind in KINDS:
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch0", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--history", action="store_true", help="AUC per ledger snapshot (monitor.history_every)")
-    parser.add_argument("--signals", nargs="+", default=["score", "loss"], help="--history: which columns")
+    parser.add_argument("--signals", nargs="+", default=["score", "loss"],
+                        help="--history: which signals (or head_<name> columns)")
     args = parser.parse_args(argv)
     if args.history:
         text = "\n".join(history_table(args.run, args.signals))
