@@ -269,3 +269,5 @@ def test_fit_detector_fits_the_heads_one_names_and_scores_each_kind_by_its_own_h
         fit_main(["--fit", str(run), "--head", "x=moving_local"])
     with pytest.raises(SystemExit, match="--one-head and --head"):
         fit_main(["--fit", str(run), "--head", "x=global", "--one-head", "y"])
+    with pytest.raises(SystemExit, match="--head names \\['x'\\] more than once"):
+        fit_main(["--fit", str(run), "--head", "x=global", "--head", "x=template"])

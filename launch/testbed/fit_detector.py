@@ -30,7 +30,7 @@ from launch.testbed.reading import emit_table
 from train.evaluate.truth import GROUP_KINDS, REGION_KINDS
 from train.monitor.detection import detection_by_kind
 from train.monitor.config import FlagConfig
-from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores, heads_file, logit
+from train.monitor.detector import DETECTOR_FILE, fit_heads, head_scores, heads_array, heads_file, logit
 from train.monitor.signals import SIGNALS
 
 
@@ -44,13 +44,8 @@ def ledger_means(run: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return means, np.asarray(table["group"]).astype(str)
 
 
-def head_matrix(spec: dict) -> np.ndarray:
-    """[K, 1 + S]: each head's bias then its coefficients in SIGNALS order."""
-    return np.asarray([[h["bias"]] + [h["coef"].get(s, 0.0) for s in SIGNALS] for h in spec["heads"].values()])
-
-
 def scores(spec: dict, means: np.ndarray) -> dict[str, np.ndarray]:
-    return {"heads": head_scores(head_matrix(spec), means).max(axis=1), "equal-weight mean": means.mean(axis=1),
+    return {"heads": head_scores(heads_array(spec, SIGNALS)[1], means).max(axis=1), "equal-weight mean": means.mean(axis=1),
             "loss only": means[:, SIGNALS.index("loss")]}
 
 
@@ -116,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.one_head:
         kinds = {a.one_head: [k for members in kinds.values() for k in members]}
     if a.head:
-        kinds = dict(parse_head(h, present) for h in a.head)
+        named = [parse_head(h, present) for h in a.head]
+        twice = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
+        if twice:
+            raise SystemExit(f"--head names {twice} more than once: give each head its own name")
+        kinds = dict(named)
     spec = fit_heads(means, groups, SIGNALS, {k: v for k, v in kinds.items() if v}, c=a.c)
     for head in spec["heads"].values():  # where each head came from, kept when heads are added to others
         head["fit_on"] = [str(r) for r in a.fit]
@@ -132,13 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                 head.setdefault("without", kept["without"])
         clash = sorted(set(kept["heads"]) & set(spec["heads"]))
         if clash:
-            raise SystemExit(f"--add-to {a.add_to} already has heads {clash}: name the new one with --one-head")
+            raise SystemExit(f"--add-to {a.add_to} already has heads {clash}: name the new ones with --one-head or --head")
         spec["heads"] = {**kept["heads"], **spec["heads"]}
     on = logit(a.probability)
     lines = [f"| run | role | kind | heads AUC | heads TPR@1%FPR | flagged at P >= {a.probability} | own head AUC | "
              "equal-weight AUC | loss-only AUC |", "|---|---|---|---|---|---|---|---|---|"]
-    names = list(spec["heads"])
-    matrix = head_matrix(spec)
+    names, matrix = heads_array(spec, SIGNALS)
     for role, runs in (("fit", a.fit), ("validate", a.validate)):
         for run in runs:
             run_means, run_groups = read(run)

@@ -39,13 +39,17 @@ def heads_file(heads: str | None) -> Path:
 
 def load_heads(signals: Sequence[str], path: str | Path = DETECTOR_FILE) -> tuple[list[str], np.ndarray]:
     """(kind names, [K, 1 + S] array of bias then one coefficient per ``signals`` entry)."""
-    spec = json.loads(Path(path).read_text())
+    return heads_array(json.loads(Path(path).read_text()), signals, source=str(path))
+
+
+def heads_array(spec: dict, signals: Sequence[str], source: str = "heads") -> tuple[list[str], np.ndarray]:
+    """:func:`load_heads` for a heads spec already in memory (what :func:`fit_heads` returns)."""
     kinds, rows = [], []
     for kind, head in spec["heads"].items():
         coef = head["coef"]
         unknown = sorted(set(coef) - set(spec["signals"]))
         if unknown:
-            raise ValueError(f"{path}: head {kind} has coefficients for unknown signals {unknown}")
+            raise ValueError(f"{source}: head {kind} has coefficients for unknown signals {unknown}")
         kinds.append(kind)
         rows.append([float(head["bias"])] + [float(coef.get(s, 0.0)) for s in signals])
     return kinds, np.asarray(rows, dtype=np.float32)

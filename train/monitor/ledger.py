@@ -191,6 +191,12 @@ class Ledger:
         mean, _, variance = self._estimates(held[slots].astype(np.float32), self.sig_count[slots])
         return np.where(np.isnan(self.score[slots])[:, None], np.nan, self._heads(mean, variance))
 
+    def top_heads(self, values: np.ndarray) -> list[Optional[str]]:
+        """The name of the largest head per row of :meth:`head_values` (None where not scored)."""
+        scored = ~np.isnan(values).any(axis=1)
+        top = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
+        return [self.head_names[k] if ok else None for k, ok in zip(top.tolist(), scored.tolist())]
+
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
         slots, keep = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
@@ -285,9 +291,7 @@ class Ledger:
                     last_step=self.last_step[:n])
         if self.heads is not None:  # the head (kind of memorization) the score comes from, and each head's value
             values = self.head_values(np.arange(n))
-            scored = ~np.isnan(values).any(axis=1)
-            top = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
-            cols["head"] = [self.head_names[k] if ok else None for k, ok in zip(top.tolist(), scored.tolist())]
+            cols["head"] = self.top_heads(values)
             for k, name in enumerate(self.head_names):
                 cols[f"head_{name}"] = values[:, k].astype(np.float32)
         for key, values in (extra or {}).items():

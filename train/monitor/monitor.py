@@ -304,9 +304,8 @@ class Monitor:
         flagged = np.flatnonzero(self.ledger.flagged)
         top = flagged[np.argsort(-self.ledger.score[flagged])][:k]
         kinds = None
-        if self.ledger.heads is not None and len(top):  # the head each score comes from
-            values = self.ledger.head_values(top)
-            kinds = {slot: self.ledger.head_names[int(np.nanargmax(v))] for slot, v in zip(top.tolist(), values)}
+        if self.ledger.heads is not None:  # the head each score comes from
+            kinds = dict(zip(top.tolist(), self.ledger.top_heads(self.ledger.head_values(top))))
         rows = []
         for slot in top.tolist():
             row = {"slot": slot, "score": float(self.ledger.score[slot]), "head": kinds[slot] if kinds else None,
