@@ -122,6 +122,30 @@ def test_caption_dup_rows_share_one_caption_and_no_pixels(builds):
         assert all(np.abs(images[0] - other).mean() > 5 for other in images[1:])
 
 
+def test_caption_dup_repeats_repeat_each_picture_under_the_shared_caption(tmp_path):
+    """caption_dup_repeats=R: every picture of a shared caption appears in R rows, pixel for pixel
+    (one file), under that caption; the pictures still differ from one another."""
+    knobs = {**V6, "caption_dup_repeats": 3}
+    root = build_testbed(tmp_path / "rep", resolution=32, seed=0, **knobs)
+    dup = [r for r in rows_of(root) if r["group"] == "caption_dup"]
+    assert len(dup) == knobs["n_caption_dup"] * knobs["caption_dup_per_group"] * 3
+    for group in {r["planted_group"] for r in dup}:
+        members = [r for r in dup if r["planted_group"] == group]
+        assert len({r["text"] for r in members}) == 1
+        by_picture = {}
+        for r in members:
+            by_picture.setdefault(r["source_id"], []).append(r)
+        assert len(by_picture) == knobs["caption_dup_per_group"]
+        assert all(len(rs) == 3 and len({r["file_name"] for r in rs}) == 1 for rs in by_picture.values())
+        files = [rs[0]["file_name"] for rs in by_picture.values()]
+        assert all(np.abs(pixels(root, files[0]) - pixels(root, f)).mean() > 5 for f in files[1:])
+    assert len({r["sample_id"] for r in dup}) == len(dup)
+    assert "caption_dup_repeats" in TestbedParams.create(n_caption_dup=1, caption_dup_repeats=2).recorded()
+    assert "caption_dup_repeats" not in TestbedParams.create(n_caption_dup=1).recorded()
+    with pytest.raises(ValueError, match="caption_dup_repeats"):
+        TestbedParams.create(n_caption_dup=1, caption_dup_repeats=0)
+
+
 def test_v6_knobs_at_their_defaults_stay_out_of_the_record():
     """The v6 knobs at their defaults change nothing a v5 build records (manifest params, cache key)."""
     params = TestbedParams.create(resolution=16, n_clean=4)

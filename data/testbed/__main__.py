@@ -36,6 +36,7 @@ HELP = {
     "n_templates": "v6: cards (frame + header) shared by different objects", "template_per_group": "v6: images per card",
     "n_caption_dup": "v6: captions shared word for word by different images",
     "caption_dup_per_group": "v6: images per shared caption",
+    "caption_dup_repeats": "v6: rows per caption_dup image (> 1: the image repeated pixel for pixel)",
     "n_moving_groups": "v6: stamps placed at varied position, scale and opacity", "moving_per_group": "v6: images per stamp",
     "moving_scale_min": "v6: smallest stamp side / image side", "moving_scale_max": "v6: largest stamp side / image side",
     "moving_min_opacity": "v6: lowest stamp opacity",

