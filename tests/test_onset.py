@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import fast_overrides
 
-from launch.testbed.lead_time import alert_steps, lead_times, replay_flags
+from launch.testbed.lead_time import add_trends, alert_steps, lead_times, replay_flags
 from launch.testbed.lead_time import main as lead_time_main
 from train.evaluate.onset import OnsetTable
 from train.finetune import main as train
@@ -40,6 +40,8 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "lead.md")])
     table = (tmp_path / "lead.md").read_text()
     assert "| loss | global |" in table and "| score | clean |" in table
+    lead_time_main(["--run", str(run), "--out", str(tmp_path / "trend.md"), "--trend", "0.8"])
+    assert "| loss_trend (0.8) | global |" in (tmp_path / "trend.md").read_text()
     # the flags replayed on the snapshots under another margin (the run flags by the heads' probability)
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2",
                     "--replay-recent", "0", "0.8"])
@@ -93,6 +95,8 @@ def test_a_signal_alerts_when_it_beats_the_clean_rows_at_a_snapshot():
                30: snapshot([0.0, 1.0, 2.0, 3.0, 0.0])}
     first = alert_steps(history, "loss_mean", false_alarm=0.25)  # bar: the clean rows' 75% quantile (2.25)
     assert first["p"] == 20 and first["c4"] == 10 and first["c1"] == -1
+    steady = alert_steps(history, "loss_mean", false_alarm=0.25, persist=2)  # two snapshots in a row
+    assert steady["p"] == -1 and steady["c4"] == 20
 
 
 @pytest.mark.parametrize("recent", [0.0, 0.5])
@@ -125,3 +129,19 @@ def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(re
                              run_recent=recent)
     assert sum(s >= 0 for s in strict.values()) < sum(s >= 0 for s in first.values())
     assert all(strict[i] < 0 or strict[i] >= first[i] >= 0 for i in ids)
+
+
+def test_a_trend_tells_a_row_being_learnt_now_from_one_that_always_stood_out():
+    """``add_trends``: the moving average of a row's z less its run mean, rebuilt from real ledger
+    snapshots (one observation each): high for a row whose z rose lately, near 0 for one whose z
+    was high from the start (its level, not its trajectory) and for a flat row."""
+    signals = ["loss"]
+    ledger = Ledger(3, signals, [1.0], FlagPolicy(min_obs=1))
+    ids, history = ["rising", "always", "flat"], {}
+    for step in range(10):
+        ledger.update(np.arange(3), np.array([[3.0 if step >= 7 else 0.0], [3.0], [0.0]], np.float32), step)
+        history[step] = ledger.table(sample_ids=ids, extra={"group": ["global", "global", "clean"]}).to_pydict()
+    assert add_trends(history, signals, decay=0.5) == ["loss_trend"]
+    rising, always, flat = history[9]["loss_trend"]
+    assert rising > 1.5 and abs(always) < 0.1 and abs(flat) < 1e-6
+    assert history[9]["loss_mean"][0] < history[9]["loss_mean"][1]  # the level alone ranks them the other way

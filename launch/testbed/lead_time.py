@@ -18,8 +18,11 @@ Each signal's own lead time, when the run kept ledger snapshots (``monitor.histo
 ``RUN/ledger_history/``): at every snapshot a signal "alerts" on a row when the row's mean z is
 above the ``1 - --false-alarm`` quantile of the clean rows' at that snapshot (each signal held to
 the same per-snapshot false-alarm rate, so they compare fairly; the heads' score alike); a row's
-alert step is the first snapshot that alerts. Reported per signal and kind as above, with the share
-of never-copied probed clean rows that alerted at some snapshot.
+alert step is the first snapshot that alerts (with ``--persist K``, the K-th of K in a row).
+Reported per signal and kind as above, with the share of never-copied probed clean rows that
+alerted at some snapshot. ``--trend DECAY`` adds each signal's
+trend: its moving average (that decay per observation) less its run mean, the loss trajectory
+(how fast a row is being learnt relative to its peers) rather than its level.
 
 ``--replay-margins`` / ``--replay-recent`` replay the flags on those snapshots under other settings
 of ``monitor.flag.margin`` and ``monitor.flag.recent`` (:func:`replay_flags`): per kind, the rows
@@ -60,11 +63,13 @@ def lead_times(ledger: dict[str, int], onset: list[dict]) -> dict[str, dict]:
     return out
 
 
-def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> dict[str, int]:
+def alert_steps(history: dict[int, dict], column: str, false_alarm: float, persist: int = 1) -> dict[str, int]:
     """``history``: snapshot step -> ledger columns (``sample_id``, ``group``, ``observations``,
-    ``column``); per sample id, the first step whose value beats the clean rows' ``1 - false_alarm``
-    quantile at that step (-1 = never)."""
+    ``column``); per sample id, the first step whose value has beaten the clean rows' ``1 - false_alarm``
+    quantile at ``persist`` snapshots in a row (-1 = never): a noisy signal crosses the bar now and
+    then on any row, a row being memorized stays over it."""
     first: dict[str, int] = {}
+    streak: dict[str, int] = {}
     for step in sorted(history):
         cols = history[step]
         values = np.asarray(cols[column], dtype=np.float64)
@@ -72,9 +77,11 @@ def alert_steps(history: dict[int, dict], column: str, false_alarm: float) -> di
         clean = seen & (np.asarray(cols["group"]) == "clean")
         if not clean.any():
             continue
-        bar = np.quantile(values[clean], 1.0 - false_alarm)
-        for sample_id in np.asarray(cols["sample_id"])[seen & (values > bar)]:
-            first.setdefault(str(sample_id), step)
+        over = seen & (values > np.quantile(values[clean], 1.0 - false_alarm))
+        for sample_id, above in zip(np.asarray(cols["sample_id"]), over):
+            streak[str(sample_id)] = streak.get(str(sample_id), 0) + 1 if above else 0
+            if streak[str(sample_id)] >= persist:
+                first.setdefault(str(sample_id), step)
     return {str(i): first.get(str(i), -1) for step in history for i in history[step]["sample_id"]}
 
 
@@ -87,9 +94,7 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
 
     The flags read the means, or with ``policy.recent`` the moving averages: the snapshots' own
     ``<signal>_recent`` columns when the run kept them with that decay (``run_recent``), otherwise
-    rebuilt from the change of each mean between snapshots (the new observations' mean folded in
-    with weight 1 - recent^k for k new observations: exact for one new observation per snapshot,
-    which snapshots an epoch or less apart give nearly always; the means are half precision).
+    rebuilt from the means (:func:`moving_averages`).
     Returns (sample id -> first flagged snapshot step, -1 = never; sample id -> flagged at the last)."""
     from train.monitor.detector import heads_file, load_heads
     from train.monitor.ledger import Ledger
@@ -101,25 +106,13 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
     on, off = ledger.thresholds()  # calibrated / absolute: fixed, not read off the population
     first: dict[str, int] = {}
     flagged: dict[str, bool] = {}
-    before_sum = before_count = recent = None
+    rebuilt = moving_averages(history, signals, d) if d > 0 and not own else {}
     for step in sorted(history):
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
-        count = np.stack([np.asarray(cols[f"{s}_count"], np.float64) for s in signals], axis=1)
-        if own:
-            z = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_recent"], np.float64)) for s in signals], axis=1)
-        else:
-            mean = np.stack([np.nan_to_num(np.asarray(cols[f"{s}_mean"], np.float64)) for s in signals], axis=1)
-            z = mean
-            if d > 0:  # rebuild the moving averages from the means
-                total = mean * count
-                if recent is None:
-                    before_sum, before_count, recent = np.zeros_like(total), np.zeros_like(count), np.zeros_like(total)
-                new = count - before_count
-                keep = d ** new
-                recent = np.where(new > 0, keep * recent + (1 - keep) * (total - before_sum) / np.maximum(new, 1),
-                                  recent)
-                before_sum, before_count, z = total, count, recent
+        count = _stacked(cols, signals, "count")
+        z = _stacked(cols, signals, "recent" if own else "mean")
+        z = rebuilt.get(step, z)
         score, observed = ledger.scores(z, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
         for i, sample_id in enumerate(ids):
@@ -128,6 +121,45 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
             if now:
                 first.setdefault(sample_id, step)
     return {i: first.get(i, -1) for i in flagged}, flagged
+
+
+def _stacked(cols: dict, signals: list[str], field: str) -> np.ndarray:
+    """[N, S]: the snapshot's ``<signal>_<field>`` columns, NaN as 0 (the population's average z)."""
+    return np.stack([np.nan_to_num(np.asarray(cols[f"{s}_{field}"], np.float64)) for s in signals], axis=1)
+
+
+def moving_averages(history: dict[int, dict], signals: list[str], decay: float) -> dict[int, np.ndarray]:
+    """Per snapshot step, [N, S] moving averages of each row's z (decay ``decay`` per observation,
+    started at 0), rebuilt from the change of each mean between snapshots: the new observations'
+    mean folded in with weight 1 - decay^k for k new observations (exact for one new observation per
+    snapshot, which snapshots an epoch or less apart give nearly always; the means are half precision)."""
+    out: dict[int, np.ndarray] = {}
+    before_sum = before_count = recent = None
+    for step in sorted(history):
+        mean, count = _stacked(history[step], signals, "mean"), _stacked(history[step], signals, "count")
+        total = mean * count
+        if recent is None:
+            before_sum, before_count, recent = np.zeros_like(total), np.zeros_like(count), np.zeros_like(total)
+        new = count - before_count
+        keep = decay ** new
+        recent = np.where(new > 0, keep * recent + (1 - keep) * (total - before_sum) / np.maximum(new, 1), recent)
+        before_sum, before_count = total, count
+        out[step] = recent
+    return out
+
+
+def add_trends(history: dict[int, dict], signals: list[str], decay: float) -> list[str]:
+    """Add ``<signal>_trend`` columns to every snapshot: the moving average (``decay``) less the run
+    mean, so a row whose z has lately risen above its own average stands out (how fast it is
+    being learnt relative to its peers, not how far). Returns the new column names."""
+    names = [f"{s}_trend" for s in signals]
+    for step, recent in moving_averages(history, signals, decay).items():
+        cols = history[step]
+        seen = _stacked(cols, signals, "count") > 0
+        trend = np.where(seen, recent - _stacked(cols, signals, "mean"), np.nan)
+        for j, name in enumerate(names):
+            cols[name] = trend[:, j]
+    return names
 
 
 def fmt(value, pct: bool = False) -> str:
@@ -154,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-recent", type=float, nargs="*", default=[],
                    help="... and these moving-average decays (monitor.flag.recent; 0 = the run mean); "
                         "without onset.parquet only the flag rates are reported")
+    p.add_argument("--persist", type=int, default=1,
+                   help="per-signal lead times: a signal alerts once it is over the bar at this many snapshots in a row")
+    p.add_argument("--trend", type=float, nargs="*", default=[],
+                   help="also each signal's trend at these moving-average decays: the moving average of a "
+                        "row's z less its run mean (how fast it is being learnt relative to its peers)")
     a = p.parse_args(argv)
+    if a.persist < 1:
+        p.error(f"--persist must be >= 1, got {a.persist}")
     run = Path(a.run)
     replay = bool(a.replay_margins or a.replay_recent)
     snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
@@ -177,14 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     if snapshots:  # each signal's own lead time, at one false-alarm rate
         onset = pq.read_table(run / ONSET_FILE).to_pylist()
         names = [f.name for f in pq.read_schema(snapshots[0])]
-        signals = [c for c in names if c.endswith("_mean")] + ["score"]
-        history = read_history(run / "ledger_history", ["sample_id", "group", "observations"] + signals)
-        lines += ["", f"Per signal (alert: above the clean rows' {1 - a.false_alarm:.0%} quantile at a snapshot; "
+        means = [c for c in names if c.endswith("_mean")]
+        counts = [c for c in names if c.endswith("_count")] if a.trend else []
+        if a.trend and not counts:
+            raise SystemExit(f"--trend needs <signal>_count columns in the snapshots ({snapshots[0]}): re-run")
+        history = read_history(run / "ledger_history", ["sample_id", "group", "observations", "score"] + means + counts)
+        signals = means + ["score"]
+        for decay in a.trend:
+            trends = add_trends(history, [c.removesuffix("_count") for c in counts], decay)
+            for step in history:
+                history[step].update({f"{t} ({decay:g})": history[step].pop(t) for t in trends})
+            signals += [f"{t} ({decay:g})" for t in trends]
+        lines += ["", f"Per signal (alert: above the clean rows' {1 - a.false_alarm:.0%} quantile at "
+                  f"{a.persist} snapshot(s) in a row; "
                   f"{len(history)} snapshots):", "",
                   "| signal | group | became copies | alerted before onset | median lead (steps) | false alerts |",
                   "|---|---|---|---|---|---|"]
         for signal in signals:
-            for group, r in lead_times(alert_steps(history, signal, a.false_alarm), onset).items():
+            for group, r in lead_times(alert_steps(history, signal, a.false_alarm, a.persist), onset).items():
                 lines.append(f"| {signal.removesuffix('_mean')} | {group} | {r['copied']} | "
                              f"{fmt(r['flagged_before_onset'], True)} | {fmt(r['median_lead_steps'])} | "
                              f"{fmt(r['false_flag_rate'], True)} |")
