@@ -20,9 +20,9 @@ above the ``1 - --false-alarm`` quantile of the clean rows' at that snapshot (ea
 the same per-snapshot false-alarm rate, so they compare fairly; the heads' score alike); a row's
 alert step is the first snapshot that alerts (with ``--persist K``, the K-th of K in a row).
 Reported per signal and kind as above, with the share of never-copied probed clean rows that
-alerted at some snapshot. ``--trend DECAY`` adds each signal's
-trend: its moving average (that decay per observation) less its run mean, the loss trajectory
-(how fast a row is being learnt relative to its peers) rather than its level.
+alerted at some snapshot. ``--trend DECAY`` adds each signal's trend: its moving average (that
+decay per observation) less its run mean; for the loss, the trajectory (how fast a row is being
+learnt relative to its peers) rather than its level.
 
 ``--replay-margins`` / ``--replay-recent`` replay the flags on those snapshots under other settings
 of ``monitor.flag.margin`` and ``monitor.flag.recent`` (:func:`replay_flags`): per kind, the rows
@@ -111,8 +111,7 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
         count = _stacked(cols, signals, "count")
-        z = _stacked(cols, signals, "recent" if own else "mean")
-        z = rebuilt.get(step, z)
+        z = rebuilt[step] if rebuilt else _stacked(cols, signals, "recent" if own else "mean")
         score, observed = ledger.scores(z, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
         for i, sample_id in enumerate(ids):
