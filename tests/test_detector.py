@@ -271,3 +271,51 @@ def test_fit_detector_fits_the_heads_one_names_and_scores_each_kind_by_its_own_h
         fit_main(["--fit", str(run), "--head", "x=global", "--one-head", "y"])
     with pytest.raises(SystemExit, match="--head names \\['x'\\] more than once"):
         fit_main(["--fit", str(run), "--head", "x=global", "--head", "x=template"])
+
+
+def test_the_trend_rule_flags_a_row_learnt_faster_than_before_and_not_one_that_always_stood_out():
+    # the score's own flags off (absolute, unreachable): only the trend of the loss z flags. Three
+    # rows: one like its peers for 20 observations and then fitting far better, one that fit that
+    # well from the start (its level stands out, its trajectory does not), one flat
+    policy = FlagPolicy(policy="absolute", min_obs=1, raise_at=float("inf"), clear_at=float("inf"),
+                        trend_signal="loss", trend_decay=0.8, trend_raise_at=1.645, trend_persist=3)
+    ledger = Ledger(3, ["loss"], [1.0], policy)
+    for step in range(30):
+        z = np.array([[2.5 if step >= 20 else 0.0], [2.5], [0.0]], np.float32)
+        ledger.update(np.arange(3), z, step)
+    # the rising row's trend (moving average less mean) over its standard error (0.254 at n = 21, 22):
+    # step 20 (0.5 - 2.5 / 21) / 0.254 = 1.50, under the bar; step 21 (0.9 - 5 / 22) / 0.254 = 2.65, and
+    # it stays over, so the third in a row (step 23) flags it
+    assert ledger.first_flagged_step.tolist() == [23, -1, -1]
+    table = ledger.table()
+    assert table["trend_streak"].to_pylist()[0] == 9 and table["loss_trend_z"].to_pylist()[0] > 1.645
+    with pytest.raises(ValueError, match="trend_signal=magnitude"):
+        Ledger(3, ["loss"], [1.0], FlagPolicy(trend_signal="magnitude"))
+
+
+def test_the_trend_z_has_unit_spread_for_rows_like_their_peers():
+    # i.i.d. unit z: the trend (moving average from 0 less the run mean) over its standard error
+    # must have unit spread at every count, or the bar would mean another false-alarm rate early
+    policy = FlagPolicy(policy="absolute", min_obs=1, trend_signal="loss", trend_decay=0.8)
+    ledger = Ledger(20000, ["loss"], [1.0], policy)
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        ledger.update(np.arange(20000), rng.normal(size=(20000, 1)).astype(np.float32), step)
+        if step in (1, 3, 11):
+            tz = ledger.table()["loss_trend_z"].to_numpy()
+            assert abs(tz.std() - 1.0) < 0.05 and abs(tz.mean()) < 0.05, (step, tz.std(), tz.mean())
+
+
+def test_a_ledger_saved_without_the_trend_rule_is_not_resumed_with_it():
+    plain = Ledger(2, ["loss"], [1.0], FlagPolicy(min_obs=1))
+    plain.update(np.array([0, 1]), np.ones((2, 1), np.float32), 0)
+    trend = FlagPolicy(min_obs=1, trend_signal="loss")
+    with pytest.raises(ValueError, match="trend_signal"):
+        Ledger(2, ["loss"], [1.0], trend).load_tensors(plain.state_tensors())
+    kept = Ledger(2, ["loss"], [1.0], trend)
+    for step in range(3):
+        kept.update(np.array([0]), np.full((1, 1), 2.0, np.float32), step)
+    again = Ledger(2, ["loss"], [1.0], trend)
+    again.load_tensors(kept.state_tensors())
+    np.testing.assert_array_equal(again.trend_recent, kept.trend_recent)
+    np.testing.assert_array_equal(again.trend_streak, kept.trend_streak)

@@ -235,12 +235,14 @@ def test_resume_restores_the_ledger_exactly(tmp_path, cache_dir):
     from train.finetune import main
 
     common = {"train.lr_scheduler": "constant", "train.checkpoint_every": 5, "monitor.stats_warmup": 1,
-              "monitor.magnitude_every": 2, "monitor.probe_every": 3}
+              "monitor.magnitude_every": 2, "monitor.probe_every": 3,
+              "monitor.flag.trend_signal": "loss", "monitor.flag.trend_persist": 1}  # the trend rule's state too
     straight = main(fast_overrides(cache_dir, tmp_path / "a", **{**common, "train.max_steps": 10}))
     main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 5}))
     resumed = main(fast_overrides(cache_dir, tmp_path / "b", **{**common, "train.max_steps": 10, "train.resume": "latest"}))
     a, b = pq.read_table(straight / "ledger.parquet"), pq.read_table(resumed / "ledger.parquet")
     assert a.column_names == b.column_names and "sample_id" in a.column_names and "be_mass_mean" in a.column_names
+    assert "loss_trend_z" in a.column_names and "trend_streak" in a.column_names
     assert a.num_rows == 32 and min(a.column("observations").to_pylist()) >= 1
     for name in a.column_names:
         assert a.column(name).to_pylist() == b.column(name).to_pylist() or np.allclose(

@@ -49,7 +49,13 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     lead_time_main(["--run", str(run), "--out", str(tmp_path / "replay.md"), "--replay-margins", "0", "2",
                     "--replay-recent", "0", "0.8"])
     replay = (tmp_path / "replay.md").read_text()
-    assert "| 0 | 0 | global | 6 |" in replay and "| 0.8 | 2 | clean | 8 |" in replay
+    assert "| 0 | 0 | — | global | 6 |" in replay and "| 0.8 | 2 | — | clean | 8 |" in replay
+    # ... and with the trend rule added, or alone
+    lead_time_main(["--run", str(run), "--out", str(tmp_path / "rule.md"), "--replay-trend", "loss",
+                    "--replay-trend-bars", "1", "2", "--replay-trend-persist", "2"])
+    rule = (tmp_path / "rule.md").read_text()
+    assert "| 0 | 0 | loss 0.8 / 2 SE / 2 in a row | clean | 8 |" in rule
+    assert "| 0 | 0 | loss 0.8 / 1 SE / 2 in a row (alone) | global | 6 |" in rule
     # an empty snapshot folder: the flags' table alone, no crash
     for snapshot in (run / "ledger_history").iterdir():
         snapshot.unlink()
@@ -102,8 +108,8 @@ def test_a_signal_alerts_when_it_beats_the_clean_rows_at_a_snapshot():
     assert steady["p"] == -1 and steady["c4"] == 20
 
 
-@pytest.mark.parametrize("recent", [0.0, 0.5])
-def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(recent):
+@pytest.mark.parametrize("recent,trend", [(0.0, None), (0.5, None), (0.0, "loss")])
+def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(recent, trend):
     # a ledger with the shipped heads, snapshotted after every update, replayed with its own policy:
     # the same first flags; replayed with a margin, fewer and later ones (flags on the running means,
     # or on moving averages)
@@ -113,7 +119,8 @@ def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(re
     n = 60
     groups = ["global"] * 10 + ["clean"] * 50
     ids = [f"r{i}" for i in range(n)]
-    policy = FlagPolicy(policy="calibrated", min_obs=2, recent=recent)
+    policy = FlagPolicy(policy="calibrated", min_obs=2, recent=recent, trend_signal=trend, trend_raise_at=1.0,
+                        trend_persist=2)
     ledger = Ledger(n, signals, [1.0, 1.0], policy, heads=heads)
     history = {}
     for step in range(12):
@@ -125,6 +132,10 @@ def test_replayed_flags_match_the_ledgers_own_when_snapshots_see_every_update(re
     first, now = replay_flags(history, signals, policy, run_recent=recent)
     assert first == {i: int(s) for i, s in zip(ids, ledger.first_flagged_step)}
     assert [now[i] for i in ids] == ledger.flagged.tolist() and any(now.values())
+    if trend:  # the trend rule flags rows of its own: without it fewer rows are flagged, none sooner
+        plain, _ = replay_flags(history, signals, FlagPolicy(policy="calibrated", min_obs=2))
+        assert sum(s >= 0 for s in plain.values()) < sum(s >= 0 for s in first.values())
+        assert all(first[i] <= plain[i] or plain[i] < 0 for i in ids)
     if recent:  # the moving averages rebuilt from the means (what a run kept without them allows)
         rebuilt, _ = replay_flags(history, signals, policy)
         assert sum(rebuilt[i] == first[i] for i in ids) >= 0.95 * n

@@ -25,7 +25,9 @@ decay per observation) less its run mean; for the loss, the trajectory (how fast
 learnt relative to its peers) rather than its level.
 
 ``--replay-margins`` / ``--replay-recent`` replay the flags on those snapshots under other settings
-of ``monitor.flag.margin`` and ``monitor.flag.recent`` (:func:`replay_flags`): per kind, the rows
+of ``monitor.flag.margin`` and ``monitor.flag.recent`` (:func:`replay_flags`), and ``--replay-trend
+SIGNAL`` with the trend rule of ``monitor.flag.trend_*`` added (``--replay-trend-bars`` /
+``--replay-trend-persist`` / ``--replay-trend-decay``; alone, too, with the score's flags off): per kind, the rows
 flagged at any time, in the first six snapshots and at the end, and with onset probes the lead time;
 a run without onset probes gets the flag rates alone.
 """
@@ -102,11 +104,14 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
     _, heads = load_heads(signals, heads_file(heads))
     d = policy.recent
     own = d > 0 and d == run_recent
-    ledger = Ledger(1, signals, [1.0] * len(signals), policy, heads=heads)  # its scores and thresholds only
+    ledger = Ledger(1, signals, [1.0] * len(signals), policy, heads=heads)  # its scores, thresholds, trend rule
     on, off = ledger.thresholds()  # calibrated / absolute: fixed, not read off the population
     first: dict[str, int] = {}
     flagged: dict[str, bool] = {}
     rebuilt = moving_averages(history, signals, d) if d > 0 and not own else {}
+    trend = policy.trend_signal
+    trend_recent = moving_averages(history, [trend], policy.trend_decay) if trend else {}
+    streak, before = None, None
     for step in sorted(history):
         cols = history[step]
         ids = [str(i) for i in cols["sample_id"]]
@@ -114,8 +119,17 @@ def replay_flags(history: dict[int, dict], signals: list[str], policy, run_recen
         z = rebuilt[step] if rebuilt else _stacked(cols, signals, "recent" if own else "mean")
         score, observed = ledger.scores(z, count)
         eligible = observed & (np.asarray(cols["observations"]) >= policy.min_obs)
+        rising = np.zeros(len(ids), bool)
+        if trend:  # the trend rule, its streak advanced on the rows seen since the last snapshot
+            n = _stacked(cols, [trend], "count")[:, 0]
+            streak = np.zeros(len(ids), np.uint8) if streak is None else streak
+            new_obs = n > (0 if before is None else before)
+            tz = ledger.trend_z(trend_recent[step][:, 0], _stacked(cols, [trend], "mean")[:, 0], n)
+            streak, rising = ledger.trend_step(streak, tz, new_obs)
+            rising &= np.asarray(cols["observations"]) >= policy.min_obs
+            before = n
         for i, sample_id in enumerate(ids):
-            now = bool(eligible[i] and score[i] >= (off if flagged.get(sample_id) else on))
+            now = bool(rising[i] or (eligible[i] and score[i] >= (off if flagged.get(sample_id) else on)))
             flagged[sample_id] = now
             if now:
                 first.setdefault(sample_id, step)
@@ -185,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-recent", type=float, nargs="*", default=[],
                    help="... and these moving-average decays (monitor.flag.recent; 0 = the run mean); "
                         "without onset.parquet only the flag rates are reported")
+    p.add_argument("--replay-trend", help="replay with the trend rule on this signal (monitor.flag.trend_signal)")
+    p.add_argument("--replay-trend-bars", type=float, nargs="+", default=[1.645],
+                   help="... at these bars (monitor.flag.trend_raise_at)")
+    p.add_argument("--replay-trend-persist", type=int, nargs="+", default=[3],
+                   help="... and these streaks (monitor.flag.trend_persist)")
+    p.add_argument("--replay-trend-decay", type=float, default=0.8, help="... (monitor.flag.trend_decay)")
     p.add_argument("--persist", type=int, default=1,
                    help="per-signal lead times: a signal alerts once it is over the bar at this many snapshots in a row")
     p.add_argument("--trend", type=float, nargs="*", default=[],
@@ -196,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < d < 1 for d in a.trend):
         p.error(f"--trend decays must be in (0, 1), got {a.trend}")
     run = Path(a.run)
-    replay = bool(a.replay_margins or a.replay_recent)
+    replay = bool(a.replay_margins or a.replay_recent or a.replay_trend)
+    trends = [None] + [(a.replay_trend, a.replay_trend_decay, bar, k, only) for only in (False, True)
+                       for bar in a.replay_trend_bars for k in a.replay_trend_persist] if a.replay_trend else [None]
     snapshots = sorted((run / "ledger_history").glob("step-*.parquet"))
     if replay and not (run / ONSET_FILE).is_file():
-        emit_table(replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0]), a.out)
+        emit_table(replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0], trends), a.out)
         return 0
     for name in ("ledger.parquet", ONSET_FILE):
         if not (run / name).is_file():
@@ -236,14 +258,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"{fmt(r['flagged_before_onset'], True)} | {fmt(r['median_lead_steps'])} | "
                              f"{fmt(r['false_flag_rate'], True)} |")
     if replay:
-        lines += replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0])
+        lines += replay_lines(run, snapshots, a.replay_margins or [0.0], a.replay_recent or [0.0], trends)
     emit_table(lines, a.out)
     return 0
 
 
-def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays: list[float]) -> list[str]:
-    """Per moving-average decay and margin: over every row of each group the share ever flagged,
-    flagged by the sixth snapshot and flagged at the last; with onset.parquet, the lead time too."""
+def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays: list[float],
+                 trends: list | None = None) -> list[str]:
+    """Per moving-average decay, margin and trend rule (``trends``: None = none, or (signal, decay,
+    bar, persist, alone) with ``alone`` = the score's own flags off): over every row of each group
+    the share ever flagged, flagged by the sixth snapshot and flagged at the last; with
+    onset.parquet, the lead time too."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
@@ -271,24 +296,32 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
     lines = ["", f"Flags replayed on the {len(history)} snapshots with the shipped heads and the run's flag policy "
              f"({flag['policy']}), reading the run mean (recent 0) or a moving average, less a margin of "
              "standard errors:", "",
-             "| recent | margin | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
+             "| recent | margin | trend rule | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
              "| copies flagged before onset | median lead (steps) | never-copied probes flagged |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for decay in decays:
-        for margin in margins:
-            first, now = replay_flags(history, signals, FlagPolicy(**{**flag, "margin": margin, "recent": decay}),
-                                      run_recent, monitor.get("heads"))
-            leads = lead_times(first, onset)
-            for group in sorted(set(groups.values())):
-                ids = [i for i, g in groups.items() if g == group]
-                ever = np.mean([first[i] >= 0 for i in ids])
-                by_early = np.mean([0 <= first[i] <= early for i in ids])
-                at_end = np.mean([now[i] for i in ids])
-                r = leads.get(group, {})
-                led = fmt(r.get("flagged_before_onset"), True) + (f" of {r['copied']}" if r.get("copied") else "")
-                lines.append(f"| {decay:g} | {margin:g} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
-                             f"{at_end:.1%} | {led} | {fmt(r.get('median_lead_steps'))} | "
-                             f"{fmt(r.get('false_flag_rate'), True)} |")
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for decay, margin, trend in ((d, m, t) for d in decays for m in margins for t in (trends or [None])):
+        policy = {**flag, "margin": margin, "recent": decay}  # the run's own trend rule, if it had one
+        alone = False
+        if trend is not None:
+            signal, trend_decay, bar, persist, alone = trend
+            policy.update(trend_signal=signal, trend_decay=trend_decay, trend_raise_at=bar, trend_persist=persist)
+            if alone:  # the score's flags off: only the trend rule flags
+                policy.update(policy="absolute", raise_at=float("inf"), clear_at=float("inf"))
+        label = "—" if not policy.get("trend_signal") else (
+            f"{policy['trend_signal']} {policy['trend_decay']:g} / {policy['trend_raise_at']:g} SE / "
+            f"{policy['trend_persist']} in a row" + (" (alone)" if alone else ""))
+        first, now = replay_flags(history, signals, FlagPolicy(**policy), run_recent, monitor.get("heads"))
+        leads = lead_times(first, onset)
+        for group in sorted(set(groups.values())):
+            ids = [i for i, g in groups.items() if g == group]
+            ever = np.mean([first[i] >= 0 for i in ids])
+            by_early = np.mean([0 <= first[i] <= early for i in ids])
+            at_end = np.mean([now[i] for i in ids])
+            r = leads.get(group, {})
+            led = fmt(r.get("flagged_before_onset"), True) + (f" of {r['copied']}" if r.get("copied") else "")
+            lines.append(f"| {decay:g} | {margin:g} | {label} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
+                         f"{at_end:.1%} | {led} | {fmt(r.get('median_lead_steps'))} | "
+                         f"{fmt(r.get('false_flag_rate'), True)} |")
     return lines
 
 

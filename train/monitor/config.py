@@ -30,6 +30,14 @@ class FlagConfig:
     # > 0: the flags read a moving average of each row's z (this decay per observation) instead of
     # its mean over the run, so a row that turns now is not held back by its earlier epochs
     recent: float = bounded(0.0, ge=0.0, lt=1.0)
+    # also flag a row while this signal's trend (its moving average less its run mean: how fast the
+    # row is being learnt relative to its peers) has stood over trend_raise_at of its standard
+    # errors for trend_persist observations in a row; None: off. "loss" comes before whole-image
+    # copies where the level does not (docs/detection.md "The loss trajectory")
+    trend_signal: Optional[str] = None
+    trend_decay: float = bounded(0.8, gt=0.0, lt=1.0)
+    trend_raise_at: float = 1.645
+    trend_persist: int = bounded(3, ge=1, le=255)
 
 
 @dataclass

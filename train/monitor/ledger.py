@@ -28,6 +28,14 @@ run (decay ``recent`` per observation, started at 0, the population's average): 
 signals turn now is not held back by the epochs in which it looked like its peers. Its standard
 error is the moving average's own, sqrt((1 - d) / (1 + d) * (1 - d^(2n))). The means stay in the
 ledger for reports; the moving average costs 2 bytes per row and signal, kept only when used.
+
+``trend_signal`` adds a second way to be flagged, meant to come before the copy: the signal's
+*trend*, its moving average (decay ``trend_decay``, started at 0) less its run mean, i.e. how fast a
+row is being learnt relative to its peers rather than how well it is fit. It is compared in its own
+standard errors for a row like its peers (unit-spread z: the moving average's variance, plus the
+mean's 1/n, less twice their covariance (1 - d^n)/n), so the bar ``trend_raise_at`` is read off no
+data; a row is flagged once it has been over the bar at ``trend_persist`` observations in a row, and
+stays flagged by this rule while it stays over. 2 bytes per row for the average, 1 for the streak.
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ class FlagPolicy:
     probability_off: float = 0.5  # ... and keep the flag while at or above this
     margin: float = 0.0  # standard errors of the score's estimate subtracted before comparing
     recent: float = 0.0  # > 0: flags read a moving average of z with this decay per observation
+    trend_signal: Optional[str] = None  # a signal whose rising trend also flags (e.g. "loss"); None: off
+    trend_decay: float = 0.8  # the trend's moving average: decay per observation
+    trend_raise_at: float = 1.645  # the bar, in the trend's standard errors
+    trend_persist: int = 3  # observations in a row over the bar before the trend flags
 
 
 class Ledger:
@@ -71,6 +83,10 @@ class Ledger:
             tuple(f"head{k}" for k in range(len(heads))) if heads is not None else ())
         if policy.policy == "calibrated" and heads is None:
             raise ValueError("the calibrated flag policy reads the detector heads' probabilities: use detector=heads")
+        if policy.trend_signal is not None and policy.trend_signal not in self.signals:
+            raise ValueError(f"monitor.flag.trend_signal={policy.trend_signal} is not among monitor.signals "
+                             f"{list(self.signals)}")
+        self.trend_index = self.signals.index(policy.trend_signal) if policy.trend_signal is not None else None
         S = len(self.signals)
         self.capacity = capacity
         self.slots: dict[int, int] = {}  # streams only: sample-id hash -> slot
@@ -79,9 +95,13 @@ class Ledger:
         self.sig_count = np.zeros((capacity, S), np.uint16)
         self.sig_mean = np.zeros((capacity, S), np.float16)
         self.sig_max = np.full((capacity, S), -np.inf, np.float16)
-        self.arrays = self.ARRAYS + (("sig_recent",) if policy.recent > 0 else ())
+        self.arrays = (self.ARRAYS + (("sig_recent",) if policy.recent > 0 else ())
+                       + (("trend_recent", "trend_streak") if self.trend_index is not None else ()))
         if policy.recent > 0:
             self.sig_recent = np.zeros((capacity, S), np.float16)
+        if self.trend_index is not None:
+            self.trend_recent = np.zeros(capacity, np.float16)
+            self.trend_streak = np.zeros(capacity, np.uint8)
         self.score = np.full(capacity, np.nan, np.float32)
         self.flagged = np.zeros(capacity, bool)
         self.first_flagged_step = np.full(capacity, -1, np.int32)
@@ -197,6 +217,20 @@ class Ledger:
         top = np.argmax(np.nan_to_num(values, nan=-np.inf), axis=1)
         return [self.head_names[k] if ok else None for k, ok in zip(top.tolist(), scored.tolist())]
 
+    def trend_z(self, recent: np.ndarray, mean: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """The trend (moving average less run mean) in its standard errors for a row like its peers;
+        NaN where the signal was never observed."""
+        d, n = self.policy.trend_decay, np.asarray(count, np.float64)
+        variance = ((1 - d) / (1 + d) * (1 - d ** (2 * n)) + (1 - 2 * (1 - d ** n)) / np.maximum(n, 1))
+        trend = np.asarray(recent, np.float64) - np.asarray(mean, np.float64)
+        return np.where(n > 0, trend / np.sqrt(np.maximum(variance, 1e-12)), np.nan)
+
+    def trend_step(self, streak: np.ndarray, z: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(new streak, flagged by the trend) after one observation (``observed``) of trend z ``z``."""
+        over = observed & (np.nan_to_num(z, nan=-np.inf) >= self.policy.trend_raise_at)
+        streak = np.where(observed, np.where(over, np.minimum(streak.astype(np.int64) + 1, 255), 0), streak)
+        return streak.astype(np.uint8), streak >= self.policy.trend_persist
+
     def update(self, slots: np.ndarray, z: np.ndarray, step: int) -> None:
         """Fold one gathered batch of oriented z-scores [G, S] (NaN = not observed) into the ledger."""
         slots, keep = np.unique(slots, return_index=True)  # a stream may repeat a sample in one batch
@@ -227,6 +261,15 @@ class Ledger:
         current = self.score[slots]
         was = self.flagged[slots]
         now = np.where(was, current >= off, current >= on) & eligible
+        if self.trend_index is not None:  # or flagged by a rising trend (module docstring)
+            j, d = self.trend_index, self.policy.trend_decay
+            observed = seen[:, j]
+            recent = self.trend_recent[slots].astype(np.float32)
+            recent = np.where(observed, d * recent + (1 - d) * np.nan_to_num(z[:, j]), recent)
+            self.trend_recent[slots] = recent.astype(np.float16)
+            tz = self.trend_z(recent, mean[:, j], count[:, j])
+            self.trend_streak[slots], rising = self.trend_step(self.trend_streak[slots], tz, observed)
+            now |= rising & (self.obs[slots] >= self.policy.min_obs)
         self.flagged[slots] = now
         newly = now & (self.first_flagged_step[slots] < 0)
         self.first_flagged_step[slots[newly]] = step
@@ -242,7 +285,7 @@ class Ledger:
             array = getattr(self, name)
             if array.dtype == bool:
                 array = array.astype(np.uint8)
-            elif array.dtype == np.uint16:
+            elif array.dtype in (np.uint16, np.uint8):
                 array = array.astype(np.int32)
             out[name] = torch.from_numpy(np.ascontiguousarray(array))
         if self.streaming:
@@ -261,6 +304,9 @@ class Ledger:
         if ("sig_recent" in tensors) != ("sig_recent" in self.arrays):
             raise ValueError("the checkpoint's ledger was kept with a different monitor.flag.recent (0 or not): "
                              "resume with the flag settings it was trained with")
+        if ("trend_recent" in tensors) != ("trend_recent" in self.arrays):
+            raise ValueError("the checkpoint's ledger was kept with a different monitor.flag.trend_signal (set or "
+                             "not): resume with the flag settings it was trained with")
         for name in self.arrays:
             array = tensors[name].numpy()
             setattr(self, name, array.astype(getattr(self, name).dtype))
@@ -287,6 +333,12 @@ class Ledger:
             cols[f"{name}_count"] = self.sig_count[:n, j].astype(np.int32)  # observations behind the mean
             if self.policy.recent > 0:
                 cols[f"{name}_recent"] = np.where(seen, self.sig_recent[:n, j].astype(np.float32), np.nan)
+        if self.trend_index is not None:  # the trend rule's reading: z of the trend and the streak over its bar
+            j = self.trend_index
+            cols[f"{self.signals[j]}_trend_z"] = self.trend_z(
+                self.trend_recent[:n].astype(np.float32), self.sig_mean[:n, j].astype(np.float32),
+                self.sig_count[:n, j]).astype(np.float32)
+            cols["trend_streak"] = self.trend_streak[:n].astype(np.int32)
         cols.update(score=self.score[:n], flagged=self.flagged[:n], first_flagged_step=self.first_flagged_step[:n],
                     last_step=self.last_step[:n])
         if self.heads is not None:  # the head (kind of memorization) the score comes from, and each head's value
