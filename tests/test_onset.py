@@ -55,7 +55,7 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
                     "--replay-trend-bars", "1", "2", "--replay-trend-persist", "2"])
     rule = (tmp_path / "rule.md").read_text()
     assert "| 0 | 0 | loss 0.8 / 2 SE / 2 in a row | clean | 8 |" in rule
-    assert "| 0 | 0 | loss 0.8 / 1 SE / 2 in a row (alone) | global | 6 |" in rule
+    assert "| — | — | loss 0.8 / 1 SE / 2 in a row (alone) | global | 6 |" in rule
     # an empty snapshot folder: the flags' table alone, no crash
     for snapshot in (run / "ledger_history").iterdir():
         snapshot.unlink()

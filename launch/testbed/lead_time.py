@@ -299,17 +299,19 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
              "| recent | margin | trend rule | group | rows | flagged ever | flagged by step " + str(early) + " | flagged at the end "
              "| copies flagged before onset | median lead (steps) | never-copied probes flagged |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for decay, margin, trend in ((d, m, t) for d in decays for m in margins for t in (trends or [None])):
-        policy = {**flag, "margin": margin, "recent": decay}  # the run's own trend rule, if it had one
-        alone = False
+    trends = trends or [None]
+    alone = [t for t in trends if t is not None and t[4]]  # the score's flags off: recent and margin do nothing
+    combos = [(d, m, t) for d in decays for m in margins for t in trends if t is None or not t[4]]
+    for decay, margin, trend in combos + [(None, None, t) for t in alone]:
+        policy = {**flag, "margin": margin or 0.0, "recent": decay or 0.0}  # the run's own trend rule, if any
         if trend is not None:
-            signal, trend_decay, bar, persist, alone = trend
+            signal, trend_decay, bar, persist, only = trend
             policy.update(trend_signal=signal, trend_decay=trend_decay, trend_raise_at=bar, trend_persist=persist)
-            if alone:  # the score's flags off: only the trend rule flags
+            if only:  # the score's flags off: only the trend rule flags
                 policy.update(policy="absolute", raise_at=float("inf"), clear_at=float("inf"))
         label = "—" if not policy.get("trend_signal") else (
             f"{policy['trend_signal']} {policy['trend_decay']:g} / {policy['trend_raise_at']:g} SE / "
-            f"{policy['trend_persist']} in a row" + (" (alone)" if alone else ""))
+            f"{policy['trend_persist']} in a row" + (" (alone)" if decay is None else ""))
         first, now = replay_flags(history, signals, FlagPolicy(**policy), run_recent, monitor.get("heads"))
         leads = lead_times(first, onset)
         for group in sorted(set(groups.values())):
@@ -319,7 +321,8 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
             at_end = np.mean([now[i] for i in ids])
             r = leads.get(group, {})
             led = fmt(r.get("flagged_before_onset"), True) + (f" of {r['copied']}" if r.get("copied") else "")
-            lines.append(f"| {decay:g} | {margin:g} | {label} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
+            lines.append(f"| {'—' if decay is None else f'{decay:g}'} | {'—' if margin is None else f'{margin:g}'} | "
+                         f"{label} | {group} | {len(ids)} | {ever:.1%} | {by_early:.1%} | "
                          f"{at_end:.1%} | {led} | {fmt(r.get('median_lead_steps'))} | "
                          f"{fmt(r.get('false_flag_rate'), True)} |")
     return lines
