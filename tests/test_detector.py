@@ -274,11 +274,11 @@ def test_fit_detector_fits_the_heads_one_names_and_scores_each_kind_by_its_own_h
 
 
 def test_the_trend_rule_flags_a_row_learnt_faster_than_before_and_not_one_that_always_stood_out():
-    # the score's own flags off (absolute, unreachable): only the trend of the loss z flags. Three
+    # the score's own flags off (policy none): only the trend of the loss z flags. Three
     # rows: one like its peers for 20 observations and then fitting far better, one that fit that
     # well from the start (its level stands out, its trajectory does not), one flat
-    policy = FlagPolicy(policy="absolute", min_obs=1, raise_at=float("inf"), clear_at=float("inf"),
-                        trend_signal="loss", trend_decay=0.8, trend_raise_at=1.645, trend_persist=3)
+    policy = FlagPolicy(policy="none", min_obs=1, trend_signal="loss", trend_decay=0.8, trend_raise_at=1.645,
+                        trend_persist=3)
     ledger = Ledger(3, ["loss"], [1.0], policy)
     for step in range(30):
         z = np.array([[2.5 if step >= 20 else 0.0], [2.5], [0.0]], np.float32)

@@ -282,8 +282,8 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
         raise SystemExit(f"{snapshots[0]} has no <signal>_count columns (written since the flag margin): re-run")
     monitor = OmegaConf.load(run / "config.yaml").monitor
     flag = OmegaConf.to_container(monitor.flag)
-    if monitor.detector != "heads" or flag["policy"] not in ("calibrated", "absolute"):
-        raise SystemExit(f"replaying flags needs the heads detector with a calibrated or absolute flag policy; "
+    if monitor.detector != "heads" or flag["policy"] not in ("calibrated", "absolute", "none"):
+        raise SystemExit(f"replaying flags needs the heads detector with a calibrated, absolute or none flag policy; "
                          f"{run} used detector={monitor.detector}, policy={flag['policy']} (its thresholds "
                          "follow the population, which the snapshots do not keep)")
     run_recent = float(flag.get("recent", 0.0))
@@ -308,7 +308,7 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
             signal, trend_decay, bar, persist, only = trend
             policy.update(trend_signal=signal, trend_decay=trend_decay, trend_raise_at=bar, trend_persist=persist)
             if only:  # the score's flags off: only the trend rule flags
-                policy.update(policy="absolute", raise_at=float("inf"), clear_at=float("inf"))
+                policy.update(policy="none")
         label = "—" if not policy.get("trend_signal") else (
             f"{policy['trend_signal']} {policy['trend_decay']:g} / {policy['trend_raise_at']:g} SE / "
             f"{policy['trend_persist']} in a row" + (" (alone)" if decay is None else ""))

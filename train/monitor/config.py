@@ -11,9 +11,10 @@ from train.util import bounded, choice
 @dataclass
 class FlagConfig:
     # calibrated: the shipped detector's own decision rule (detector: heads), no threshold to read
-    # off the data; zscore | quantile: relative to the run's population; absolute: fixed scores.
+    # off the data; zscore | quantile: relative to the run's population; absolute: fixed scores;
+    # none: the score flags nothing (the trend rule below alone, if set).
     # See train/monitor/ledger.py and README "Memorization monitor".
-    policy: str = choice("calibrated", "zscore", "quantile", "absolute")
+    policy: str = choice("calibrated", "zscore", "quantile", "absolute", "none")
     min_obs: int = bounded(2, ge=1)
     # named raise_at/clear_at, not on/off: YAML reads a bare `on:` key as the boolean true
     raise_at: float = 3.0  # flag when the score (zscore: its z; absolute: itself) reaches this
@@ -32,9 +33,9 @@ class FlagConfig:
     recent: float = bounded(0.0, ge=0.0, lt=1.0)
     # also flag a row while this signal's trend (its moving average less its run mean: how fast the
     # row is being learnt relative to its peers) has stood over trend_raise_at of its standard
-    # errors for trend_persist observations in a row; None: off. "loss" comes before whole-image
-    # copies where the level does not (docs/detection.md "The loss trajectory")
-    trend_signal: Optional[str] = None
+    # errors for trend_persist observations in a row; null: off. The loss's trend rises before
+    # copies appear, where its level does not (docs/detection.md "The loss trend as a flag rule")
+    trend_signal: Optional[str] = "loss"
     trend_decay: float = bounded(0.8, gt=0.0, lt=1.0)
     trend_raise_at: float = 1.645
     trend_persist: int = bounded(3, ge=1, le=255)

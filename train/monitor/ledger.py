@@ -14,7 +14,8 @@ the threshold does not flip every step:
   the rows is still flagged (a z-score against a population that is 14% copies flags none of them),
 - ``zscore``: the score's z against all scored samples (population sums kept incrementally),
 - ``quantile``: the top fraction of scored samples (a fixed-bin histogram kept incrementally),
-- ``absolute``: fixed score thresholds.
+- ``absolute``: fixed score thresholds,
+- ``none``: the score flags nothing (the trend rule below may).
 
 ``margin`` asks for evidence before a flag: the score is a weighted sum of per-signal mean z, and
 each mean over n observations carries a standard error of about 1/sqrt(n) (a z-score has unit
@@ -55,7 +56,7 @@ HIST_RANGE, HIST_BINS = 8.0, 1600  # score histogram for the quantile policy: [-
 
 @dataclass
 class FlagPolicy:
-    policy: str = "zscore"  # calibrated | zscore | quantile | absolute (the run config defaults to calibrated)
+    policy: str = "zscore"  # calibrated | zscore | quantile | absolute | none (the run config defaults to calibrated)
     min_obs: int = 2  # observations before a sample can be scored and flagged
     raise_at: float = 3.0  # zscore: z of the score; absolute: the score itself
     clear_at: float = 2.0
@@ -85,7 +86,7 @@ class Ledger:
             raise ValueError("the calibrated flag policy reads the detector heads' probabilities: use detector=heads")
         if policy.trend_signal is not None and policy.trend_signal not in self.signals:
             raise ValueError(f"monitor.flag.trend_signal={policy.trend_signal} is not among monitor.signals "
-                             f"{list(self.signals)}")
+                             f"{list(self.signals)}: list it, or set monitor.flag.trend_signal=null to turn the trend rule off")
         self.trend_index = self.signals.index(policy.trend_signal) if policy.trend_signal is not None else None
         S = len(self.signals)
         self.capacity = capacity
@@ -167,6 +168,8 @@ class Ledger:
             return logit(p.probability), logit(p.probability_off)
         if p.policy == "absolute":
             return p.raise_at, p.clear_at
+        if p.policy == "none":
+            return np.inf, np.inf
         if p.policy == "quantile":
             return self._quantile(p.quantile), self._quantile(p.quantile_off)
         n, s, ss = self.pop
