@@ -107,8 +107,9 @@ def main() -> None:
                                           nprobe=args.nprobe), indent=1))
         return
     before = rss_gib()
-    ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy())
-    arrays = sum(getattr(ledger, n).nbytes for n in Ledger.ARRAYS)
+    # the run config's default flags: the loss-trend rule keeps two arrays of its own
+    ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy(trend_signal="loss"))
+    arrays = sum(getattr(ledger, n).nbytes for n in ledger.arrays)
     rng = np.random.default_rng(0)
     times = []
     for step in range(args.updates):
