@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays: list[float],
                  trends: list | None = None) -> list[str]:
-    """Per moving-average decay, margin and trend rule (``trends``: None = none, or (signal, decay,
+    """Per moving-average decay, margin and trend rule (``trends``: None = without one, whatever the
+    run had, or (signal, decay,
     bar, persist, alone) with ``alone`` = the score's own flags off): over every row of each group
     the share ever flagged, flagged by the sixth snapshot and flagged at the last; with
     onset.parquet, the lead time too."""
@@ -303,7 +304,7 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
     alone = [t for t in trends if t is not None and t[4]]  # the score's flags off: recent and margin do nothing
     combos = [(d, m, t) for d in decays for m in margins for t in trends if t is None or not t[4]]
     for decay, margin, trend in combos + [(None, None, t) for t in alone]:
-        policy = {**flag, "margin": margin or 0.0, "recent": decay or 0.0}  # the run's own trend rule, if any
+        policy = {**flag, "margin": margin or 0.0, "recent": decay or 0.0, "trend_signal": None}
         if trend is not None:
             signal, trend_decay, bar, persist, only = trend
             policy.update(trend_signal=signal, trend_decay=trend_decay, trend_raise_at=bar, trend_persist=persist)
