@@ -57,6 +57,15 @@ def test_a_run_with_onset_tracking_writes_first_replica_steps(tmp_path, cache_di
     rule = (tmp_path / "rule.md").read_text()
     assert "| 0 | 0 | loss 0.8 / 2 SE / 2 in a row | clean | 8 |" in rule
     assert "| — | — | loss 0.8 / 1 SE / 2 in a row (alone) | global | 6 |" in rule
+    # the rule's settings are refused out of their bounds, and a signal the run did not keep, by name
+    for bad, message in ((["--replay-trend-decay", "1.5"], "--replay-trend-decay must be in (0, 1)"),
+                         (["--replay-trend-persist", "0"], "--replay-trend-persist must be in [1, 255]"),
+                         (["--replay-trend-bars", "-1"], "--replay-trend-bars must be > 0")):
+        with pytest.raises(SystemExit):
+            lead_time_main(["--run", str(run), "--replay-trend", "loss"] + bad)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--replay-trend wobble: not among the run's signals"):
+        lead_time_main(["--run", str(run), "--replay-trend", "wobble"])
     # an empty snapshot folder: the flags' table alone, no crash
     for snapshot in (run / "ledger_history").iterdir():
         snapshot.unlink()

@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--persist must be >= 1, got {a.persist}")
     if any(not 0 < d < 1 for d in a.trend):
         p.error(f"--trend decays must be in (0, 1), got {a.trend}")
+    if a.replay_trend is not None:  # the bounds of monitor.flag.trend_*, named by their options here
+        if not 0 < a.replay_trend_decay < 1:
+            p.error(f"--replay-trend-decay must be in (0, 1), got {a.replay_trend_decay}")
+        if any(not 1 <= k <= 255 for k in a.replay_trend_persist):
+            p.error(f"--replay-trend-persist must be in [1, 255], got {a.replay_trend_persist}")
+        if any(b <= 0 for b in a.replay_trend_bars):
+            p.error(f"--replay-trend-bars must be > 0, got {a.replay_trend_bars}")
     run = Path(a.run)
     replay = bool(a.replay_margins or a.replay_recent or a.replay_trend)
     trends = [None] + [(a.replay_trend, a.replay_trend_decay, bar, k, only) for only in (False, True)
@@ -266,10 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays: list[float],
                  trends: list | None = None) -> list[str]:
     """Per moving-average decay, margin and trend rule (``trends``: None = without one, whatever the
-    run had, or (signal, decay,
-    bar, persist, alone) with ``alone`` = the score's own flags off): over every row of each group
-    the share ever flagged, flagged by the sixth snapshot and flagged at the last; with
-    onset.parquet, the lead time too."""
+    run had, or (signal, decay, bar, persist, alone) with ``alone`` = the score's own flags off):
+    over every row of each group the share ever flagged, flagged by the sixth snapshot and flagged
+    at the last; with onset.parquet, the lead time too."""
     import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
@@ -281,6 +287,9 @@ def replay_lines(run: Path, snapshots: list[Path], margins: list[float], decays:
     signals = [c.removesuffix("_count") for c in names if c.endswith("_count")]
     if not signals:
         raise SystemExit(f"{snapshots[0]} has no <signal>_count columns (written since the flag margin): re-run")
+    missing = {t[0] for t in trends or [] if t is not None} - set(signals)
+    if missing:
+        raise SystemExit(f"--replay-trend {', '.join(sorted(missing))}: not among the run's signals {signals}")
     monitor = OmegaConf.load(run / "config.yaml").monitor
     flag = OmegaConf.to_container(monitor.flag)
     if monitor.detector != "heads" or flag["policy"] not in ("calibrated", "absolute", "none"):

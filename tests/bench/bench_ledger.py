@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from train.monitor.detection import detection_by_kind  # noqa: E402
+from train.monitor.config import FlagConfig  # noqa: E402
 from train.monitor.ledger import FlagPolicy, Ledger  # noqa: E402
 from train.monitor.neighbours import NeighbourIndex  # noqa: E402
 from train.monitor.signals import SIGNALS  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> None:
         return
     before = rss_gib()
     # the run config's default flags: the loss-trend rule keeps two arrays of its own
-    ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy(trend_signal="loss"))
+    ledger = Ledger(args.samples, SIGNALS, [1.0] * len(SIGNALS), FlagPolicy(trend_signal=FlagConfig().trend_signal))
     arrays = sum(getattr(ledger, n).nbytes for n in ledger.arrays)
     rng = np.random.default_rng(0)
     times = []

@@ -37,7 +37,7 @@ class FlagConfig:
     # copies appear, where its level does not (docs/detection.md "The loss trend as a flag rule")
     trend_signal: Optional[str] = "loss"
     trend_decay: float = bounded(0.8, gt=0.0, lt=1.0)
-    trend_raise_at: float = 1.645
+    trend_raise_at: float = bounded(1.645, gt=0.0)
     trend_persist: int = bounded(3, ge=1, le=255)
 
 
