@@ -33,7 +33,9 @@ A grid file::
 
 A grid may start from another: ``extends: testbed.yaml`` (a path relative to this grid file) takes
 that grid's keys; this file's keys replace them, except ``variants``, which adds to and replaces
-the other grid's variants one by one (same name: this file's overlays). ``name`` is never inherited.
+the other grid's variants one by one (same name: this file's overlays), and ``evaluate``, whose
+options replace the other grid's one by one (``evaluate: {testbed: {draws: 4}}`` keeps every other
+option of the extended grid). ``name`` is never inherited.
 
 Config files are paths relative to the repository root (or absolute). A run's config is what
 ``train/finetune.py`` builds from, in this order: configs/base.yaml, the base's files, the variant's
@@ -288,8 +290,15 @@ def _read_grid(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     merged = _read_grid(path.parent / parent, seen + (path.resolve(),))
     merged.pop("name", None)  # a grid's name is its output folder: never shared
     variants = {**(merged.get("variants") or {}), **(raw.get("variants") or {})}
+    evaluate = dict(merged.get("evaluate") or {})
+    for kind, options in (raw.get("evaluate") or {}).items():  # option by option (module doc)
+        inherited = evaluate.get(kind)
+        both = isinstance(inherited, dict) and isinstance(options, dict)
+        evaluate[kind] = {**inherited, **options} if both else options
     merged.update(raw)
     merged["variants"] = variants
+    if evaluate:
+        merged["evaluate"] = evaluate
     return merged
 
 

@@ -194,6 +194,24 @@ variants:
         ablate.load_grid(orphan)
 
 
+def test_extends_replaces_evaluate_options_one_by_one(tmp_path):
+    parent = write(tmp_path / "parent.yaml", """
+name: parent
+base: [train.max_steps=3]
+variants: {plain: []}
+evaluate:
+  testbed: {seeds: 4, steps: 25, draws: 2}
+""")
+    child = write(tmp_path / "child.yaml", "extends: parent.yaml\nevaluate:\n  testbed: {draws: 3}\n")
+    merged = ablate._read_grid(child)
+    assert merged["evaluate"] == {"testbed": {"seeds": 4, "steps": 25, "draws": 3}}  # draws replaced, the rest kept
+    assert merged["variants"] == {"plain": []} and "name" not in merged
+    # the shipped long Twemoji grid changes only the draws of the Twemoji grid it extends
+    long = ablate._read_grid(REPO / "configs" / "ablation" / "testbed_twemoji_long.yaml")["evaluate"]["testbed"]
+    short = ablate._read_grid(REPO / "configs" / "ablation" / "testbed_twemoji.yaml")["evaluate"]["testbed"]
+    assert long == {**short, "draws": 2}
+
+
 def test_print_commands_and_slurm_array(tmp_path):
     out = tmp_path / "out"
     assert ablate.main([str(SMOKE), "--out", str(out), "--print-commands", "--set", "logging.wandb=true"]) == 0
