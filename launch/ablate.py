@@ -290,15 +290,13 @@ def _read_grid(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     merged = _read_grid(path.parent / parent, seen + (path.resolve(),))
     merged.pop("name", None)  # a grid's name is its output folder: never shared
     variants = {**(merged.get("variants") or {}), **(raw.get("variants") or {})}
-    evaluate = dict(merged.get("evaluate") or {})
-    for kind, options in (raw.get("evaluate") or {}).items():  # option by option (module doc)
-        inherited = evaluate.get(kind)
-        both = isinstance(inherited, dict) and isinstance(options, dict)
-        evaluate[kind] = {**inherited, **options} if both else options
+    inherited, own = merged.get("evaluate"), raw.get("evaluate")
+    if isinstance(inherited, dict) and isinstance(own, dict):  # option by option (module doc)
+        raw["evaluate"] = {kind: {**inherited[kind], **options}
+                           if isinstance(inherited.get(kind), dict) and isinstance(options, dict) else options
+                           for kind, options in {**inherited, **own}.items()}
     merged.update(raw)
     merged["variants"] = variants
-    if evaluate:
-        merged["evaluate"] = evaluate
     return merged
 
 
