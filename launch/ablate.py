@@ -977,7 +977,7 @@ def write_markdown(grid: Grid, summaries: list[dict], path: Path) -> Path:
 
 
 def write_plot(grid: Grid, summaries: list[dict], path: Path) -> Optional[Path]:
-    """Replica rates (global, local) vs KID, one point per variant, seed std as error bars."""
+    """Replica rates (global, local, clean) vs KID, one point per variant, seed std as error bars."""
     try:
         import matplotlib
 
@@ -988,7 +988,8 @@ def write_plot(grid: Grid, summaries: list[dict], path: Path) -> Optional[Path]:
         return None
     stats = variant_stats(grid, summaries)
     panels = [(k, t) for k, t in (("global_replica_rate", "global replica rate"),
-                                  ("local_replica_rate", "local replica rate"))
+                                  ("local_replica_rate", "local replica rate"),
+                                  ("clean_replica_rate", "clean replica rate"))  # copies of unduplicated rows
               if any(st[k][0] is not None and st["quality_kid"][0] is not None for st in stats.values())]
     if not panels:
         log.info("no run has replica rates and a quality metric yet: skipping %s", path.name)
@@ -1003,8 +1004,9 @@ def write_plot(grid: Grid, summaries: list[dict], path: Path) -> Optional[Path]:
                         color="black" if variant == grid.reference else None)
             ax.annotate(variant, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ref = stats.get(grid.reference) if grid.reference else None
-        if ref is not None and ref["quality_kid"][0] is not None and ref[key][0] is not None:
-            goal = GOAL["global" if key.startswith("global") else "local"]
+        kind = key.split("_")[0]
+        if kind in GOAL and ref is not None and ref["quality_kid"][0] is not None and ref[key][0] is not None:
+            goal = GOAL[kind]
             ax.axvline(ref["quality_kid"][0] * (1 + GOAL["quality"]), ls="--", lw=0.8, color="grey")
             ax.axhline(ref[key][0] * (1 - goal), ls="--", lw=0.8, color="grey")  # goal: lower left of both
         ax.set_xlabel("KID of clean-prompt generations vs held-out (lower = better)")
