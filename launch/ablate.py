@@ -292,9 +292,11 @@ def _read_grid(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     variants = {**(merged.get("variants") or {}), **(raw.get("variants") or {})}
     inherited, own = merged.get("evaluate"), raw.get("evaluate")
     if isinstance(inherited, dict) and isinstance(own, dict):  # option by option (module doc)
-        raw["evaluate"] = {kind: {**inherited[kind], **options}
-                           if isinstance(inherited.get(kind), dict) and isinstance(options, dict) else options
-                           for kind, options in {**inherited, **own}.items()}
+        evaluate = dict(inherited)
+        for kind, options in own.items():
+            both = isinstance(evaluate.get(kind), dict) and isinstance(options, dict)
+            evaluate[kind] = {**evaluate[kind], **options} if both else options
+        raw["evaluate"] = evaluate  # anything malformed is left to the parser's named error
     merged.update(raw)
     merged["variants"] = variants
     return merged
